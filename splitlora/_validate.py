@@ -1,0 +1,72 @@
+"""Input checks shared by every module: one clear error naming the parameter, its value and what is allowed.
+
+All checks raise :class:`ValueError` (or :class:`TypeError` for a wrong type) with a message of the form
+``"<name>=<value!r> is invalid: must be <allowed>"``, so a notebook run with a bad parameter fails fast
+with a message that points at the parameter cell.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import numpy as np
+
+
+def _fail(name: str, value, allowed: str) -> ValueError:
+    return ValueError(f"{name}={value!r} is invalid: must be {allowed}")
+
+
+def check_finite(name: str, value) -> None:
+    """Raise ValueError if ``value`` (scalar or array) contains NaN or +-inf."""
+    arr = np.asarray(value, dtype=float)
+    if not np.all(np.isfinite(arr)):
+        raise _fail(name, value, "finite (no NaN or inf)")
+
+
+def check_positive(name: str, value, *, allow_zero: bool = False) -> None:
+    """Raise ValueError unless every element of ``value`` is finite and > 0 (>= 0 with ``allow_zero``)."""
+    check_finite(name, value)
+    arr = np.asarray(value, dtype=float)
+    ok = np.all(arr >= 0) if allow_zero else np.all(arr > 0)
+    if not ok:
+        raise _fail(name, value, ">= 0" if allow_zero else "> 0")
+
+
+def check_range(name: str, value, lo: float, hi: float) -> None:
+    """Raise ValueError unless every element of ``value`` is finite and in the closed interval [lo, hi]."""
+    check_finite(name, value)
+    arr = np.asarray(value, dtype=float)
+    if not (np.all(arr >= lo) and np.all(arr <= hi)):
+        raise _fail(name, value, f"in [{lo}, {hi}]")
+
+
+def check_int_range(name: str, value, lo: int, hi: int) -> None:
+    """Raise ValueError unless every element of ``value`` is an integer in [lo, hi]."""
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "iu":
+        if arr.dtype.kind == "f" and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
+            pass
+        else:
+            raise _fail(name, value, f"an integer in [{lo}, {hi}]")
+    if not (np.all(arr >= lo) and np.all(arr <= hi)):
+        raise _fail(name, value, f"an integer in [{lo}, {hi}]")
+
+
+def check_choice(name: str, value, allowed: Iterable) -> None:
+    """Raise ValueError unless ``value`` is one of ``allowed``."""
+    allowed = list(allowed)
+    if value not in allowed:
+        raise _fail(name, value, f"one of {allowed}")
+
+
+def check_order(lo_name: str, lo, hi_name: str, hi) -> None:
+    """Raise ValueError unless ``lo <= hi`` (both finite)."""
+    check_finite(lo_name, lo)
+    check_finite(hi_name, hi)
+    if not lo <= hi:
+        raise ValueError(f"{lo_name}={lo!r} is invalid: must be <= {hi_name}={hi!r}")
+
+
+def is_nan(x) -> bool:
+    """True if ``x`` is a float NaN."""
+    return isinstance(x, float) and math.isnan(x)

@@ -1,0 +1,21 @@
+"""Every path the package reads or writes, from one place (no paths relative to the working directory).
+
+``REPO_ROOT`` is the folder holding ``splitlora/``; ``DATA_DIR``, ``FIGURES_DIR``, ``NOTEBOOKS_DIR`` and
+``BENCHMARK_RESULTS_DIR`` hang off it. ``FIGURES_DIR`` can be redirected with the environment variable
+``SPLITLORA_FIGURES_DIR`` (the tests use this to regenerate figures without touching the committed ones).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DATA_DIR = REPO_ROOT / "data"
+NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
+BENCHMARK_RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+GSM8K_SHARED_DIR = REPO_ROOT.parent / "shared" / "data" / "gsm8k"  # tests only; never a package default
+
+
+def figures_dir() -> Path:
+    """Folder where notebooks write ``<name>.png/.pdf/.csv/.json``; ``$SPLITLORA_FIGURES_DIR`` overrides."""
+    return Path(os.environ.get("SPLITLORA_FIGURES_DIR", REPO_ROOT / "figures"))
