@@ -1,0 +1,355 @@
+"""Exact splitting of a Hugging Face decoder-only causal LM into a device part and a server part.
+
+The device part runs the token embedding and units 1..c; the server part runs units c+1..L, the final
+norm, the LM head and the loss (docs/model.md, "Split model"; system-model conventions: c = 0 means the
+device sends the embedding output, c = L means the device runs everything and nothing is sent).
+
+A *unit* is one decoder block (``granularity="block"``, L = number of blocks) or one half of a block
+(``granularity="sublayer"``, L = 2 x blocks): unit 2k-1 is norm + self-attention + residual of block k,
+unit 2k is norm + MLP + residual of block k (k = 1..blocks).
+
+What crosses the wire is only the hidden state at the cut, shape (B, s, H), cast to the wire dtype.
+Position ids, rotary embeddings and attention masks are rebuilt by each side from the shapes (and from
+the optional 2-D padding mask, which is then sent and counted). Both parts reference the modules of the
+model they were cut from (no copy), except the LM head of a tied-embedding model: the server holds its own
+frozen copy of the embedding matrix for the head, so the two never drift; adapting a tied embedding or
+head with LoRA is refused (:func:`check_lora_targets`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ._validate import check_choice, check_int_range
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+GRANULARITIES = ("block", "sublayer")
+WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def wire_dtype_of(name: str) -> torch.dtype:
+    """Map a wire-dtype name (``"float32"``, ``"bfloat16"``, ``"float16"``) to a torch dtype.
+
+    Raises ValueError naming the allowed names.
+    """
+    check_choice("wire_dtype", name, WIRE_DTYPES)
+    return WIRE_DTYPES[name]
+
+
+def tensor_bytes(t: torch.Tensor | None) -> int:
+    """Bytes of a tensor's elements (numel x element size); 0 for None. Unit: byte."""
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """Return the Hugging Face ``*ForCausalLM`` inside a ``PeftModel`` (or the model itself)."""
+    if hasattr(model, "get_base_model"):
+        return model.get_base_model()
+    return model
+
+
+def check_architecture(model: nn.Module) -> None:
+    """Raise ValueError unless ``model`` is a causal LM of a supported family (``SUPPORTED_MODEL_TYPES``).
+
+    The check needs ``model.config.model_type``, ``model.model.layers`` with ``input_layernorm``,
+    ``self_attn``, ``post_attention_layernorm`` and ``mlp`` in each block, ``model.model.embed_tokens``,
+    ``model.model.norm``, ``model.model.rotary_emb`` and ``model.lm_head``.
+    """
+    hf = _unwrap(model)
+    mtype = getattr(getattr(hf, "config", None), "model_type", None)
+    if mtype not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"model_type={mtype!r} is invalid: must be one of {list(SUPPORTED_MODEL_TYPES)} "
+            "(split_model supports Llama-family, Qwen2 and Mistral causal LMs)"
+        )
+    inner = getattr(hf, "model", None)
+    needed = ("embed_tokens", "layers", "norm", "rotary_emb")
+    if inner is None or not all(hasattr(inner, a) for a in needed) or not hasattr(hf, "lm_head"):
+        raise ValueError(f"model of type {type(hf).__name__} is invalid: must be a *ForCausalLM with "
+                         f".model.{{{', '.join(needed)}}} and .lm_head")
+    for i, layer in enumerate(inner.layers):
+        for a in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"):
+            if not hasattr(layer, a):
+                raise ValueError(f"model.model.layers[{i}] has no {a!r}: unsupported block layout")
+
+
+def is_tied(model: nn.Module) -> bool:
+    """True if the LM head weight is the embedding matrix (``tie_word_embeddings``)."""
+    hf = _unwrap(model)
+    head_w = _base_weight(hf.lm_head)
+    emb_w = _base_weight(hf.model.embed_tokens)
+    return head_w is emb_w or bool(getattr(hf.config, "tie_word_embeddings", False))
+
+
+def _base_weight(module: nn.Module) -> torch.Tensor:
+    """Frozen weight of a plain or LoRA-wrapped Linear/Embedding."""
+    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    return base.weight
+
+
+def _has_lora(module: nn.Module) -> bool:
+    return any("lora_" in n for n, _ in module.named_parameters())
+
+
+def check_lora_targets(model: nn.Module) -> None:
+    """Refuse LoRA on a tied embedding / LM head (the two copies would drift apart after splitting).
+
+    Raises ValueError naming the offending module.
+    """
+    hf = _unwrap(model)
+    if is_tied(hf):
+        for name, mod in (("lm_head", hf.lm_head), ("embed_tokens", hf.model.embed_tokens)):
+            if _has_lora(mod):
+                raise ValueError(
+                    f"LoRA target {name!r} is invalid: the model ties the embedding and the LM head "
+                    "(tie_word_embeddings=True); split training keeps a frozen copy of the head on the server, "
+                    "so adapting a tied layer is refused. Remove it from target_modules.")
+
+
+def num_units(model: nn.Module, granularity: str = "block") -> int:
+    """L, the number of cut points: blocks (``"block"``) or 2 x blocks (``"sublayer"``)."""
+    check_choice("granularity", granularity, GRANULARITIES)
+    n = len(_unwrap(model).model.layers)
+    return n if granularity == "block" else 2 * n
+
+
+# ----------------------------------------------------------------------------------------------- context
+@dataclass
+class _Context:
+    """What every block needs besides the hidden state: rebuilt locally from shapes on each side."""
+
+    position_ids: torch.Tensor  # (1, s)
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]  # cos, sin: (1, s, head_dim)
+    masks: dict  # layer type -> mask in the format of the attention implementation (or None)
+
+
+def _build_context(hf: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
+                   layer_types: set[str]) -> _Context:
+    """Rebuild position ids, rotary embeddings and masks from ``hidden`` (B, s, H) and the padding mask."""
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    s = hidden.shape[1]
+    position_ids = torch.arange(s, device=hidden.device).unsqueeze(0)
+    pe = hf.model.rotary_emb(hidden, position_ids=position_ids)
+    kw = dict(config=hf.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None,
+              position_ids=position_ids)
+    masks = {}
+    for t in layer_types:
+        masks[t] = create_sliding_window_causal_mask(**kw) if t == "sliding_attention" else create_causal_mask(**kw)
+    return _Context(position_ids, pe, masks)
+
+
+def _layer_type(hf: nn.Module, k: int) -> str:
+    types = getattr(hf.config, "layer_types", None)
+    return types[k] if types else "full_attention"
+
+
+# ----------------------------------------------------------------------------------------------- units
+class _BlockUnit(nn.Module):
+    """One whole decoder block (its own forward, so it is the exact unsplit computation)."""
+
+    def __init__(self, layer: nn.Module, layer_type: str):
+        super().__init__()
+        self.layer = layer
+        self.layer_type = layer_type
+
+    def forward(self, h: torch.Tensor, ctx: _Context) -> torch.Tensor:
+        out = self.layer(h, attention_mask=ctx.masks[self.layer_type], position_ids=ctx.position_ids,
+                         position_embeddings=ctx.position_embeddings, use_cache=False)
+        return out[0] if isinstance(out, tuple) else out
+
+
+class _AttentionUnit(nn.Module):
+    """Unit 2k-1: h + self_attn(input_layernorm(h)) of block k."""
+
+    def __init__(self, layer: nn.Module, layer_type: str):
+        super().__init__()
+        self.input_layernorm = layer.input_layernorm
+        self.self_attn = layer.self_attn
+        self.layer_type = layer_type
+
+    def forward(self, h: torch.Tensor, ctx: _Context) -> torch.Tensor:
+        a, _ = self.self_attn(hidden_states=self.input_layernorm(h), attention_mask=ctx.masks[self.layer_type],
+                              position_ids=ctx.position_ids, position_embeddings=ctx.position_embeddings,
+                              use_cache=False)
+        return h + a
+
+
+class _MLPUnit(nn.Module):
+    """Unit 2k: h + mlp(post_attention_layernorm(h)) of block k."""
+
+    layer_type = None
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.post_attention_layernorm = layer.post_attention_layernorm
+        self.mlp = layer.mlp
+
+    def forward(self, h: torch.Tensor, ctx: _Context) -> torch.Tensor:
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def _units(hf: nn.Module, granularity: str) -> list[nn.Module]:
+    out = []
+    for k, layer in enumerate(hf.model.layers):
+        t = _layer_type(hf, k)
+        if granularity == "block":
+            out.append(_BlockUnit(layer, t))
+        else:
+            out += [_AttentionUnit(layer, t), _MLPUnit(layer)]
+    return out
+
+
+class _FrozenHead(nn.Module):
+    """The server's own frozen copy of a tied embedding matrix used as LM head: logits = h W^T."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(h, self.weight)
+
+
+class _Stack(nn.Module):
+    """Units run in order with one locally rebuilt context."""
+
+    def __init__(self, hf: nn.Module, units: list[nn.Module]):
+        super().__init__()
+        self.units = nn.ModuleList(units)
+        self._hf = [hf]  # list: keep out of the module tree (no double registration)
+        self.layer_types = {u.layer_type for u in units if u.layer_type is not None}
+
+    def forward(self, h: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        if len(self.units):
+            ctx = _build_context(self._hf[0], h, attention_mask, self.layer_types)
+            for u in self.units:
+                h = u(h, ctx)
+        return h
+
+
+# ----------------------------------------------------------------------------------------------- parts
+class DevicePart(nn.Module):
+    """Embedding + units 1..c (+ final norm, LM head and loss when c = L).
+
+    ``forward(input_ids (B, s) long, attention_mask (B, s) or None)`` returns the hidden state at the cut,
+    shape (B, s, H), in the model's dtype, or, when ``cut_layer == num_units``, the logits (B, s, V).
+    """
+
+    def __init__(self, hf: nn.Module, units: list[nn.Module], cut_layer: int, n_units: int):
+        super().__init__()
+        self.cut_layer, self.num_units = cut_layer, n_units
+        self.is_full = cut_layer == n_units
+        self.embed_tokens = hf.model.embed_tokens
+        self.stack = _Stack(hf, units)
+        if self.is_full:
+            self.norm, self.lm_head = hf.model.norm, hf.lm_head
+        self._hf = [hf]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.stack(self.embed_tokens(input_ids), attention_mask)
+        if self.is_full:
+            return self.lm_head(self.norm(h))
+        return h
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Causal-LM loss (only when c = L): mean cross-entropy of shifted labels, -100 ignored. Scalar."""
+        return causal_lm_loss(self._hf[0], logits, labels)
+
+
+class ServerPart(nn.Module):
+    """Units c+1..L + final norm + LM head + loss.
+
+    ``forward(hidden (B, s, H), attention_mask (B, s) or None)`` returns logits (B, s, V). For a
+    tied-embedding model the head is the server's own frozen copy of the embedding matrix.
+    Raises RuntimeError if called when ``cut_layer == num_units`` (the server is idle).
+    """
+
+    def __init__(self, hf: nn.Module, units: list[nn.Module], cut_layer: int, n_units: int):
+        super().__init__()
+        self.cut_layer, self.num_units = cut_layer, n_units
+        self.is_idle = cut_layer == n_units
+        self.stack = _Stack(hf, units)
+        if not self.is_idle:
+            self.norm = hf.model.norm
+            self.lm_head = _FrozenHead(_base_weight(hf.lm_head)) if is_tied(hf) else hf.lm_head
+        self._hf = [hf]
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.is_idle:
+            raise RuntimeError(f"cut_layer={self.cut_layer} = L: the device runs everything, the server is idle")
+        return self.lm_head(self.norm(self.stack(hidden, attention_mask)))
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Causal-LM loss: mean cross-entropy of shifted labels (B, s), -100 ignored. Scalar."""
+        return causal_lm_loss(self._hf[0], logits, labels)
+
+
+def causal_lm_loss(hf: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The model's own causal-LM loss (``model.loss_function``), exactly as in the unsplit forward."""
+    hf = _unwrap(hf)
+    return hf.loss_function(logits=logits, labels=labels, vocab_size=hf.config.vocab_size)
+
+
+def split_model(model: nn.Module, cut_layer: int, granularity: str = "block") -> tuple[DevicePart, ServerPart]:
+    """Cut a causal LM (plain or ``PeftModel``) into ``(DevicePart, ServerPart)`` at ``cut_layer``.
+
+    Args:
+        model: a Llama / Qwen2 / Mistral ``*ForCausalLM`` from transformers 5.x, or a ``PeftModel`` of one.
+        cut_layer: c in 0..L (L from :func:`num_units`).
+        granularity: ``"block"`` (L = blocks) or ``"sublayer"`` (L = 2 x blocks).
+
+    Both parts share the model's modules (and its LoRA layers); the server's head of a tied model is
+    its own frozen copy. Raises ValueError for an unsupported architecture, a cut outside 0..L, an
+    unknown granularity, or LoRA on a tied embedding/head. Source: docs/model.md, "Split model".
+    """
+    check_architecture(model)
+    check_choice("granularity", granularity, GRANULARITIES)
+    hf = _unwrap(model)
+    n = num_units(hf, granularity)
+    check_int_range("cut_layer", cut_layer, 0, n)
+    check_lora_targets(hf)
+    hf.config.use_cache = False
+    units = _units(hf, granularity)
+    c = int(cut_layer)
+    return DevicePart(hf, units[:c], c, n), ServerPart(hf, units[c:], c, n)
+
+
+# ----------------------------------------------------------------------------------------------- wire
+@dataclass
+class WireMessage:
+    """Smashed data sent device -> server: hidden (B, s, H) in the wire dtype, labels (B, s) and the
+    optional padding mask (B, s). ``nbytes`` counts every tensor sent (unit: byte)."""
+
+    hidden: torch.Tensor
+    labels: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+
+    @property
+    def smashed_bytes(self) -> int:
+        """Bytes of the hidden state alone: B s H x bytes per wire element."""
+        return tensor_bytes(self.hidden)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of everything in the message."""
+        return tensor_bytes(self.hidden) + tensor_bytes(self.labels) + tensor_bytes(self.attention_mask)
+
+
+def to_wire(hidden: torch.Tensor, wire_dtype: torch.dtype, labels: torch.Tensor | None = None,
+            attention_mask: torch.Tensor | None = None) -> WireMessage:
+    """Detach ``hidden`` (B, s, H) and cast it to ``wire_dtype``; labels/mask are sent as they are."""
+    return WireMessage(hidden.detach().to(wire_dtype), labels, attention_mask)
+
+
+def split_forward(device: DevicePart, server: ServerPart, input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor | None = None, wire_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Logits (B, s, V) of the split model: device forward, cast to the wire dtype, server forward."""
+    h = device(input_ids, attention_mask)
+    if device.is_full:
+        return h
+    msg = to_wire(h, wire_dtype)
+    return server(msg.hidden.to(h.dtype), attention_mask)
