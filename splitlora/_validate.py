@@ -12,32 +12,46 @@ from typing import Iterable
 import numpy as np
 
 
-def _fail(name: str, value, allowed: str) -> ValueError:
-    return ValueError(f"{name}={value!r} is invalid: must be {allowed}")
+def _show(value) -> str:
+    arr = np.asarray(value) if not isinstance(value, (str, bytes)) else None
+    if arr is not None and arr.ndim > 0 and arr.size > 6:
+        return f"<array of shape {arr.shape}>"
+    return repr(value)
+
+
+def _fail(name: str, value, allowed: str, bad=None) -> ValueError:
+    where = f" (offending value {bad!r})" if bad is not None else ""
+    return ValueError(f"{name}={_show(value)} is invalid: must be {allowed}{where}")
+
+
+def _first_bad(value, ok_mask):
+    arr = np.asarray(value).reshape(-1)
+    bad = np.flatnonzero(~np.asarray(ok_mask).reshape(-1))
+    return arr[bad[0]].item() if arr.size > 6 and bad.size else None
 
 
 def check_finite(name: str, value) -> None:
     """Raise ValueError if ``value`` (scalar or array) contains NaN or +-inf."""
     arr = np.asarray(value, dtype=float)
     if not np.all(np.isfinite(arr)):
-        raise _fail(name, value, "finite (no NaN or inf)")
+        raise _fail(name, value, "finite (no NaN or inf)", _first_bad(arr, np.isfinite(arr)))
 
 
 def check_positive(name: str, value, *, allow_zero: bool = False) -> None:
     """Raise ValueError unless every element of ``value`` is finite and > 0 (>= 0 with ``allow_zero``)."""
     check_finite(name, value)
     arr = np.asarray(value, dtype=float)
-    ok = np.all(arr >= 0) if allow_zero else np.all(arr > 0)
-    if not ok:
-        raise _fail(name, value, ">= 0" if allow_zero else "> 0")
+    ok = (arr >= 0) if allow_zero else (arr > 0)
+    if not np.all(ok):
+        raise _fail(name, value, ">= 0" if allow_zero else "> 0", _first_bad(arr, ok))
 
 
 def check_range(name: str, value, lo: float, hi: float) -> None:
     """Raise ValueError unless every element of ``value`` is finite and in the closed interval [lo, hi]."""
-    check_finite(name, value)
     arr = np.asarray(value, dtype=float)
-    if not (np.all(arr >= lo) and np.all(arr <= hi)):
-        raise _fail(name, value, f"in [{lo}, {hi}]")
+    ok = np.isfinite(arr) & (arr >= lo) & (arr <= hi)
+    if not np.all(ok):
+        raise _fail(name, value, f"in [{lo}, {hi}] (finite)", _first_bad(arr, ok))
 
 
 def check_int_range(name: str, value, lo: int, hi: int) -> None:
@@ -48,8 +62,9 @@ def check_int_range(name: str, value, lo: int, hi: int) -> None:
             pass
         else:
             raise _fail(name, value, f"an integer in [{lo}, {hi}]")
-    if not (np.all(arr >= lo) and np.all(arr <= hi)):
-        raise _fail(name, value, f"an integer in [{lo}, {hi}]")
+    ok = (arr >= lo) & (arr <= hi)
+    if not np.all(ok):
+        raise _fail(name, value, f"an integer in [{lo}, {hi}]", _first_bad(arr, ok))
 
 
 def check_choice(name: str, value, allowed: Iterable) -> None:

@@ -1,0 +1,176 @@
+"""CARD: Cut lAyer and computing Resource Decision (docs/model.md "CARD"), and the exhaustive joint search.
+
+For one device-round, minimise U(c, f) = w T(c, f) / T_ref + (1 - w) E(c, f) / E_ref over feasible cut
+layers c (Mem_d(c) <= M_d) and server clocks f in [f_min, f_max] (or the supported-clock table).
+
+Frequency step (lower layer). For fixed c < L, U(f) = a / f + b f^2 + const with
+    a = I C_s(c) (w / T_ref + (1 - w) P0 / E_ref) >= 0,    b = I C_s(c) (1 - w) kappa / E_ref >= 0,
+so U''(f) = 2a / f^3 + 2b > 0 (convex) and the minimiser is f* = clip((a / 2b)^(1/3), f_min, f_max)
+(f_max when b = 0). a and b share the factor I C_s(c), so f* is the same for every c < L of a
+device-round: it is computed once per device-round. Over a discrete clock table U is convex along the
+table, so the best clock is one of the two table entries bracketing f*.
+
+Cut step (upper layer). Evaluate U(c, f*) for every c in 0..L (at c = L the server is idle: U = w T / T_ref)
+and take the feasible argmin (the smallest c on ties). O(L) per device-round; device-rounds are independent.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from .system import CostModel, check_weight, _inputs
+
+DEFAULT_CHUNK = 1 << 15
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Decisions for K device-rounds (one entry per device and round), all arrays of shape (K,).
+
+    Attributes:
+        cut_layer: chosen cut layer c in 0..L (int); -1 where no cut layer fits in device memory.
+        frequency_hz: server GPU clock (Hz); 0.0 where c = L (server idle); NaN where infeasible.
+        delay_s: round delay T (s); energy_j: server energy E (J); objective: U (-). NaN where infeasible.
+        feasible: whether a decision exists (bool).
+    """
+
+    cut_layer: np.ndarray
+    frequency_hz: np.ndarray
+    delay_s: np.ndarray
+    energy_j: np.ndarray
+    objective: np.ndarray
+    feasible: np.ndarray
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per device-round with the columns above."""
+        return pd.DataFrame({k: getattr(self, k) for k in
+                             ("cut_layer", "frequency_hz", "delay_s", "energy_j", "objective", "feasible")})
+
+    @staticmethod
+    def concat(parts: list["Decision"]) -> "Decision":
+        """Concatenate decisions of consecutive chunks."""
+        return Decision(*(np.concatenate([getattr(p, k) for p in parts]) for k in
+                          ("cut_layer", "frequency_hz", "delay_s", "energy_j", "objective", "feasible")))
+
+
+def optimal_frequency_hz(model: CostModel, t_ref_s, e_ref_j, w: float, *, discrete: bool = False,
+                         cut_layer=0) -> np.ndarray:
+    """Closed-form server clock minimising U(f) for an active cut (c < L), shape (K,) (Hz).
+
+    Args:
+        model: the cost model; t_ref_s, e_ref_j: normalisers (K,) (s, J); w: delay weight in [0, 1];
+        discrete: pick from ``model.clocks_hz`` (the better of the two clocks bracketing f*);
+        cut_layer: (K,) or scalar c < L; only used by the discrete comparison (f* itself does not depend on c).
+    Raises:
+        ValueError: w outside [0, 1].
+    """
+    check_weight(w)
+    t_ref = np.asarray(t_ref_s, dtype=float)
+    e_ref = np.asarray(e_ref_j, dtype=float)
+    num = w / t_ref + (1.0 - w) * model.static_power_w / e_ref          # a / (I C_s)
+    den = 2.0 * (1.0 - w) * model.kappa / e_ref                         # 2b / (I C_s)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        f = np.where(den > 0, np.cbrt(num / den), np.inf)
+    f = np.clip(np.where(np.isnan(f), model.f_min_hz, f), model.f_min_hz, model.f_max_hz)
+    if not discrete:
+        return f
+    table = model.clocks_hz
+    hi = np.clip(np.searchsorted(table, f, side="left"), 0, len(table) - 1)
+    lo = np.clip(hi - 1, 0, len(table) - 1)
+    c = np.broadcast_to(np.asarray(cut_layer), f.shape)
+    def u(fq):  # the f-dependent part of U (the rest is the same for both candidates)
+        return (w * model.server_delay_s(c, fq) / t_ref + (1 - w) * model.server_energy_j(c, fq) / e_ref)
+    f_lo, f_hi = table[lo], table[hi]
+    return np.where(u(f_lo) <= u(f_hi), f_lo, f_hi)
+
+
+def card(model: CostModel, device_flops_per_s, rate_up_bps, rate_down_bps, memory_bytes, w: float, *,
+         discrete: bool = False, chunk: int = DEFAULT_CHUNK) -> Decision:
+    """Run CARD for K device-rounds at once.
+
+    Args:
+        model: :class:`splitlora.system.CostModel` of the model, workload and server.
+        device_flops_per_s: P_d of each device-round, shape (K,) (FLOP/s).
+        rate_up_bps, rate_down_bps: link rates of each device-round, (K,) (bit/s).
+        memory_bytes: device training memory M_d, (K,) (byte).
+        w: weight of delay against energy in [0, 1].
+        discrete: choose the clock from the supported-clock table instead of [f_min, f_max].
+        chunk: device-rounds processed per vectorised block (memory ~ 60 x chunk x (L+1) bytes).
+    Returns:
+        :class:`Decision` with arrays of shape (K,).
+    Raises:
+        ValueError: w outside [0, 1], non-positive or NaN compute, rates or memory.
+    """
+    check_weight(w)
+    P, Ru, Rd = _inputs(device_flops_per_s, rate_up_bps, rate_down_bps)
+    M = np.broadcast_to(np.asarray(memory_bytes, dtype=float).reshape(-1), P.shape)
+    parts = [_card_block(model, P[i:i + chunk], Ru[i:i + chunk], Rd[i:i + chunk], M[i:i + chunk], w, discrete)
+             for i in range(0, P.shape[0], chunk)]
+    return Decision.concat(parts)
+
+
+def _card_block(model, P, Ru, Rd, M, w, discrete):
+    L = model.n_cuts
+    fixed = model.fixed_delay_s(P, Ru, Rd)                               # (k, L+1)
+    cyc = model.iterations * model.server_cycles                         # (L+1,)
+    fmax = model.f_max_hz
+    t_ref = fixed[:, 0] + cyc[0] / fmax
+    e_ref = np.full(len(P), model.kappa * cyc[0] * fmax ** 2 + model.static_power_w * cyc[0] / fmax)
+    f = optimal_frequency_hz(model, t_ref, e_ref, w, discrete=discrete)  # (k,), same for all c < L
+    fc = f[:, None]
+    u = (w * (fixed + cyc[None, :] / fc) / t_ref[:, None]
+         + (1.0 - w) * (model.kappa * cyc[None, :] * fc ** 2 + model.static_power_w * cyc[None, :] / fc)
+         / e_ref[:, None])
+    ok = model.feasible(M)
+    u = np.where(ok, u, np.inf)
+    c = np.argmin(u, axis=1)
+    rows = np.arange(len(c))
+    feasible = ok[rows, c]
+    u_best = u[rows, c]
+    delay = fixed[rows, c] + cyc[c] / f
+    energy = model.kappa * cyc[c] * f ** 2 + model.static_power_w * cyc[c] / f
+    idle = c == L
+    freq = np.where(idle, 0.0, f)
+    nan = np.nan
+    return Decision(cut_layer=np.where(feasible, c, -1), frequency_hz=np.where(feasible, freq, nan),
+                    delay_s=np.where(feasible, delay, nan), energy_j=np.where(feasible, energy, nan),
+                    objective=np.where(feasible, u_best, nan), feasible=feasible)
+
+
+def exhaustive_search(model: CostModel, device_flops_per_s, rate_up_bps, rate_down_bps, memory_bytes, w: float,
+                      clocks_hz=None, *, chunk: int = 256) -> Decision:
+    """Joint brute force over every feasible cut layer and every clock of a grid (the benchmark CARD must match).
+
+    Args:
+        as :func:`card`; clocks_hz: the frequency grid (Hz), default ``model.clocks_hz`` (the supported-clock
+        table). Nothing from CARD's closed form is used: U is evaluated on the whole (c, f) grid.
+    Returns:
+        :class:`Decision`, arrays of shape (K,).
+    """
+    check_weight(w)
+    P, Ru, Rd = _inputs(device_flops_per_s, rate_up_bps, rate_down_bps)
+    M = np.broadcast_to(np.asarray(memory_bytes, dtype=float).reshape(-1), P.shape)
+    grid = np.asarray(model.clocks_hz if clocks_hz is None else clocks_hz, dtype=float)
+    L = model.n_cuts
+    parts = []
+    for i in range(0, P.shape[0], chunk):
+        p, ru, rd, m = P[i:i + chunk], Ru[i:i + chunk], Rd[i:i + chunk], M[i:i + chunk]
+        t_ref, e_ref = model.references(p, ru, rd)
+        fixed = model.fixed_delay_s(p, ru, rd)
+        cuts = np.arange(L + 1)
+        T = fixed[:, :, None] + model.server_delay_s(cuts[:, None], grid[None, :])[None]   # (k, L+1, F)
+        E = np.broadcast_to(model.server_energy_j(cuts[:, None], grid[None, :])[None], T.shape)
+        U = w * T / t_ref[:, None, None] + (1 - w) * E / e_ref[:, None, None]
+        U = np.where(model.feasible(m)[:, :, None], U, np.inf)
+        flat = U.reshape(len(p), -1).argmin(1)
+        c, j = np.divmod(flat, len(grid))
+        rows = np.arange(len(p))
+        feasible = np.isfinite(U[rows, c, j])
+        f = np.where(c == L, 0.0, grid[j])
+        nan = np.nan
+        parts.append(Decision(np.where(feasible, c, -1), np.where(feasible, f, nan),
+                              np.where(feasible, T[rows, c, j], nan), np.where(feasible, E[rows, c, j], nan),
+                              np.where(feasible, U[rows, c, j], nan), feasible))
+    return Decision.concat(parts)

@@ -1,0 +1,190 @@
+"""The delay and server-energy model of split LoRA fine-tuning (docs/model.md "Delay and energy").
+
+Per mini-batch, for cut layer c (device runs units 1..c), device compute P_d (FLOP/s), link rates
+R_up / R_down (bit/s) and server GPU clock f (Hz):
+
+    T_d(c)    = F_d(c) / P_d                                   device compute (s)
+    T_l(c)    = 8 S(c) (1/R_up + 1/R_down)                      smashed data up, its gradient down (s)
+    T_s(c, f) = C_s(c) / f,   C_s(c) = F_s(c) / (eta_s g_s)     server compute (s), server cycles
+    E_s(c, f) = kappa C_s(c) f^2 + P0 C_s(c) / f                server energy (J)
+
+A round of I mini-batches per device costs I times these, plus the hand-over of the device-side LoRA
+adapter (A(c) parameters x bytes each, received before and sent after the round over the same link):
+
+    T(c, f) = I (T_d + T_l + T_s) + 8 A(c) b_A (1/R_up + 1/R_down),     E(c, f) = I E_s(c, f)
+
+Everything is vectorised: per-cut arrays have shape (L+1,), per device-round inputs shape (K,), results
+(K, L+1) or (K,). At c = L nothing is sent and the server is idle (C_s(L) = 0, f is irrelevant).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _validate as V
+from .hardware import ServerSpec
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one device does in one round (docs/model.md "Workload").
+
+    Attributes:
+        iterations_per_round: I, mini-batches each device trains per round (-).
+        adapter_bytes_per_param: b_A, bytes per LoRA parameter handed over (fp32: 4) (byte).
+    """
+
+    iterations_per_round: int = 10
+    adapter_bytes_per_param: float = 4.0
+
+    def __post_init__(self):
+        V.check_int_range("iterations_per_round", self.iterations_per_round, 1, 10**9)
+        V.check_positive("adapter_bytes_per_param", self.adapter_bytes_per_param)
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Per-cut-layer costs of one model on one server, ready for vectorised evaluation.
+
+    Attributes (arrays of shape (L+1,), index = cut layer c):
+        device_flops: F_d(c), device forward + backward FLOPs per mini-batch (FLOP).
+        server_cycles: C_s(c), server GPU cycles per mini-batch (cycle); 0 at c = L.
+        smashed_bits: 8 S(c), bits of smashed data per mini-batch, one direction (bit); 0 at c = L.
+        handover_bits: 8 A(c) b_A, bits of the device-side LoRA adapter (bit).
+        device_memory_bytes: Mem_d(c), device memory needed for training (byte), without the runtime reserve.
+        kappa: server effective switched capacitance (W/Hz^3); static_power_w: P0 (W).
+        f_min_hz, f_max_hz: server clock range (Hz); clocks_hz: supported-clock table (Hz), shape (K_f,).
+        iterations: I (-).
+    Build it with :meth:`from_profile`.
+    """
+
+    device_flops: np.ndarray
+    server_cycles: np.ndarray
+    smashed_bits: np.ndarray
+    handover_bits: np.ndarray
+    device_memory_bytes: np.ndarray
+    kappa: float
+    static_power_w: float
+    f_min_hz: float
+    f_max_hz: float
+    clocks_hz: np.ndarray
+    iterations: int
+
+    @property
+    def n_cuts(self) -> int:
+        """L, the largest cut layer (device-only)."""
+        return len(self.device_flops) - 1
+
+    @classmethod
+    def from_profile(cls, profile, server: ServerSpec, workload: Workload = Workload()) -> "CostModel":
+        """Build from a :class:`splitlora.profile.ModelProfile` (or any object with its per-cut arrays).
+
+        Raises:
+            ValueError: a per-cut array with NaN, negative values, or the wrong length.
+        """
+        L = int(profile.n_cuts)
+        arrays = {}
+        for name in ("device_fwd_flops", "device_bwd_flops", "server_fwd_flops", "server_bwd_flops",
+                     "smashed_bytes", "device_memory_bytes", "device_lora_params"):
+            a = np.asarray(getattr(profile, name), dtype=float)
+            if a.shape != (L + 1,):
+                raise ValueError(f"profile.{name} has shape {a.shape}: must be ({L + 1},) = (n_cuts + 1,)")
+            V.check_positive(f"profile.{name}", a, allow_zero=True)
+            arrays[name] = a
+        server_flops = arrays["server_fwd_flops"] + arrays["server_bwd_flops"]
+        return cls(
+            device_flops=arrays["device_fwd_flops"] + arrays["device_bwd_flops"],
+            server_cycles=server_flops / (server.utilisation * server.flops_per_cycle),
+            smashed_bits=8.0 * arrays["smashed_bytes"],
+            handover_bits=8.0 * arrays["device_lora_params"] * workload.adapter_bytes_per_param,
+            device_memory_bytes=arrays["device_memory_bytes"],
+            kappa=server.kappa, static_power_w=server.static_power_w,
+            f_min_hz=server.f_min_hz, f_max_hz=server.f_max_hz,
+            clocks_hz=server.supported_clocks_hz(), iterations=workload.iterations_per_round,
+        )
+
+    # --- the model's terms ---------------------------------------------------------------------
+    def fixed_delay_s(self, device_flops_per_s, rate_up_bps, rate_down_bps) -> np.ndarray:
+        """The part of the round delay that does not depend on f: I (T_d + T_l) + hand-over (s).
+
+        Args: device_flops_per_s P_d, rate_up_bps, rate_down_bps: arrays of shape (K,) (FLOP/s, bit/s).
+        Returns: shape (K, L+1).
+        Raises: ValueError for non-positive or NaN inputs.
+        """
+        P, Ru, Rd = _inputs(device_flops_per_s, rate_up_bps, rate_down_bps)
+        inv_r = (1.0 / Ru + 1.0 / Rd)[:, None]
+        return (self.iterations * (self.device_flops[None, :] / P[:, None] + self.smashed_bits[None, :] * inv_r)
+                + self.handover_bits[None, :] * inv_r)
+
+    def server_delay_s(self, cut_layer, f_hz) -> np.ndarray:
+        """I C_s(c) / f (s); 0 where C_s = 0 (device-only), whatever f. Broadcasts cut_layer with f_hz."""
+        cyc = self.iterations * self.server_cycles[np.asarray(cut_layer)]
+        f = np.asarray(f_hz, dtype=float)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(cyc > 0, cyc / f, 0.0)
+
+    def server_energy_j(self, cut_layer, f_hz) -> np.ndarray:
+        """I (kappa C_s(c) f^2 + P0 C_s(c) / f) (J); 0 at device-only. Broadcasts cut_layer with f_hz."""
+        cyc = self.iterations * self.server_cycles[np.asarray(cut_layer)]
+        f = np.asarray(f_hz, dtype=float)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(cyc > 0, self.kappa * cyc * f ** 2 + self.static_power_w * cyc / f, 0.0)
+
+    def feasible(self, memory_bytes) -> np.ndarray:
+        """Mem_d(c) <= M_d, shape (K, L+1) for device training memory M_d of shape (K,) (byte)."""
+        M = np.asarray(memory_bytes, dtype=float).reshape(-1)
+        V.check_positive("memory_bytes", M)
+        return self.device_memory_bytes[None, :] <= M[:, None]
+
+    def evaluate(self, cut_layer, f_hz, device_flops_per_s, rate_up_bps, rate_down_bps):
+        """Round delay (s) and server energy (J) of given decisions, each of shape (K,).
+
+        Args:
+            cut_layer: int array (K,) in 0..L; f_hz: server clock (K,) in [f_min, f_max] (ignored where c = L).
+            device_flops_per_s, rate_up_bps, rate_down_bps: (K,) (FLOP/s, bit/s).
+        Returns:
+            (delay_s, energy_j), each (K,).
+        Raises:
+            ValueError: cut layer out of 0..L, clock outside [f_min, f_max], bad rates/compute.
+        """
+        c = np.asarray(cut_layer).reshape(-1)
+        V.check_int_range("cut_layer", c, 0, self.n_cuts)
+        c = c.astype(np.int64)
+        f = np.broadcast_to(np.asarray(f_hz, dtype=float).reshape(-1), c.shape)
+        active = c < self.n_cuts
+        if np.any(active):
+            V.check_range("f_hz", f[active], self.f_min_hz * (1 - 1e-12), self.f_max_hz * (1 + 1e-12))
+        fixed = self.fixed_delay_s(device_flops_per_s, rate_up_bps, rate_down_bps)
+        fixed = np.broadcast_to(fixed, (c.shape[0], fixed.shape[1]))[np.arange(c.shape[0]), c]
+        return fixed + self.server_delay_s(c, f), self.server_energy_j(c, f)
+
+    def references(self, device_flops_per_s, rate_up_bps, rate_down_bps):
+        """Normalisers (T_ref, E_ref), each (K,): the server-only benchmark (c = 0) at f_max (docs/model.md "Objective")."""
+        P, Ru, Rd = _inputs(device_flops_per_s, rate_up_bps, rate_down_bps)
+        zeros = np.zeros(P.shape, dtype=np.int64)
+        return self.evaluate(zeros, np.full(P.shape, self.f_max_hz), P, Ru, Rd)
+
+
+def objective(delay_s, energy_j, t_ref_s, e_ref_j, w: float):
+    """U = w T / T_ref + (1 - w) E / E_ref (dimensionless), docs/model.md "Objective".
+
+    Raises: ValueError if w is not in [0, 1].
+    """
+    check_weight(w)
+    return w * np.asarray(delay_s) / t_ref_s + (1.0 - w) * np.asarray(energy_j) / e_ref_j
+
+
+def check_weight(w) -> None:
+    """Raise ValueError unless the delay weight w is a finite number in [0, 1]."""
+    V.check_range("w", w, 0.0, 1.0)
+
+
+def _inputs(P, Ru, Rd):
+    P = np.asarray(P, dtype=float).reshape(-1)
+    Ru = np.asarray(Ru, dtype=float).reshape(-1)
+    Rd = np.asarray(Rd, dtype=float).reshape(-1)
+    V.check_positive("device_flops_per_s", P)
+    V.check_positive("rate_up_bps", Ru)
+    V.check_positive("rate_down_bps", Rd)
+    return np.broadcast_arrays(P, Ru, Rd)
