@@ -1,0 +1,405 @@
+"""Sequential split LoRA fine-tuning: one server, several devices taking turns (docs/model.md, "Split training").
+
+One training step (mini-batch) with cut layer c < L:
+
+1. device forward (embedding + units 1..c) -> hidden h, shape (B, s, H);
+2. h is cast to the wire dtype and sent with the labels (B, s) (and the padding mask if configured);
+3. server forward (units c+1..L, norm, head), loss, backward -> gradient of the received hidden state;
+4. that gradient (wire dtype) is sent back (only when the device part has trainable parameters);
+5. device backward; each side steps its own AdamW on the LoRA parameters it owns.
+
+With c = L the device runs everything and nothing is sent. Each step is logged (:class:`StepLog`).
+
+Several devices: the server-side adapter is shared; when the next device takes over, the device-side
+adapter *and its optimiser state* are serialised (bytes counted), the receiving side's copy is wiped
+(NaN) and the payload loaded, so a missing tensor cannot go unnoticed. When the cut changes, the LoRA
+parameters of the units between the old and new cut move between server and device the same way.
+Because AdamW is element-wise and the device/server parameter sets are disjoint, this is the same
+computation as ordinary peft training of the unsplit model on the concatenated data order (tests).
+
+The emulation keeps one model instance for the server and one for "the device in turn"; each instance
+only uses and owns the units of its side.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ._validate import check_choice, check_int_range, check_positive
+from .split import GRANULARITIES, WIRE_DTYPES, num_units, split_model, tensor_bytes, to_wire, wire_dtype_of
+
+ADAPTER_NAME = "default"
+CHECKPOINT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SplitTrainConfig:
+    """Settings of split training (defaults in brackets).
+
+    lr: AdamW learning rate [1e-3]. betas, eps, weight_decay: as torch.optim.AdamW [(0.9, 0.999), 1e-8, 0.01].
+    granularity: cut points are ``"block"`` or ``"sublayer"`` units ["block"].
+    wire_dtype: dtype of smashed data and its gradient on the link: ``"float32"``, ``"bfloat16"``,
+    ``"float16"`` ["float32"]. seed: seeds the LoRA initialisation (and dropout RNG) [0].
+    send_attention_mask: send the batch's 2-D padding mask (B, s) with the smashed data and use it on
+    both sides; with right padding and a causal model it does not change the loss [False].
+    progress: show a tqdm bar [False].
+    """
+
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    granularity: str = "block"
+    wire_dtype: str = "float32"
+    seed: int = 0
+    send_attention_mask: bool = False
+    progress: bool = False
+
+    def __post_init__(self):
+        check_positive("lr", self.lr)
+        check_positive("eps", self.eps)
+        check_positive("weight_decay", self.weight_decay, allow_zero=True)
+        check_choice("granularity", self.granularity, GRANULARITIES)
+        check_choice("wire_dtype", self.wire_dtype, WIRE_DTYPES)
+
+
+@dataclass
+class StepLog:
+    """One mini-batch. Bytes in byte, times in second (wall clock of this host).
+
+    bytes_up: device -> server (smashed data + labels (+ mask)); bytes_down: server -> device (gradient);
+    handover_bytes: adapter + optimiser state moved before this step (device -> device, server <-> device).
+    """
+
+    step: int
+    round: int
+    device: int
+    cut_layer: int
+    loss: float
+    bytes_up: int
+    bytes_down: int
+    smashed_bytes: int
+    handover_bytes: int = 0
+    device_time_s: float = 0.0
+    server_time_s: float = 0.0
+
+
+def _payload_bytes(obj) -> int:
+    """Size of ``obj`` serialised with torch.save (what would cross the link). Unit: byte."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getbuffer().nbytes
+
+
+def _roundtrip(obj):
+    """Serialise and deserialise (weights_only) ``obj``: the receiver gets copies, never shared tensors."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+class _Node:
+    """One side (server, or the device in turn): a PeftModel instance, the LoRA names it owns, its AdamW."""
+
+    def __init__(self, model: nn.Module, cfg: SplitTrainConfig):
+        self.model, self.cfg = model, cfg
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.owned: list[str] = []
+        self.part: nn.Module | None = None
+        self.opt = self._make_opt({})
+
+    def _make_opt(self, state: Mapping[str, dict]) -> torch.optim.AdamW:
+        ps = [self.params[n] for n in self.owned]
+        opt = torch.optim.AdamW(ps or [nn.Parameter(torch.zeros(0))], lr=self.cfg.lr, betas=self.cfg.betas,
+                                eps=self.cfg.eps, weight_decay=self.cfg.weight_decay)
+        for n in self.owned:
+            if n in state:
+                opt.state[self.params[n]] = {k: v.clone() for k, v in state[n].items()}
+        return opt
+
+    def opt_state(self) -> dict[str, dict]:
+        """Optimiser state of each owned parameter, by name."""
+        out = {}
+        for n in self.owned:
+            st = self.opt.state.get(self.params[n])
+            if st:
+                out[n] = {k: v.detach().clone() for k, v in st.items()}
+        return out
+
+    def export(self, names: Sequence[str]) -> dict:
+        """Payload of ``names``: their values and optimiser state."""
+        st = self.opt_state()
+        return {"params": {n: self.params[n].detach().clone() for n in names},
+                "opt": {n: st[n] for n in names if n in st}}
+
+    def set_owned(self, owned: Sequence[str], incoming: dict | None = None) -> None:
+        """Own ``owned`` from now on; load ``incoming`` (a payload), wipe (NaN) what is no longer owned."""
+        state = self.opt_state()
+        incoming = incoming or {"params": {}, "opt": {}}
+        with torch.no_grad():
+            for n, v in incoming["params"].items():
+                self.params[n].copy_(v)
+            for n in set(self.owned) - set(owned):
+                self.params[n].fill_(float("nan"))
+                state.pop(n, None)
+        state.update(incoming["opt"])
+        self.owned = list(owned)
+        self.opt = self._make_opt(state)
+
+    def wipe(self) -> None:
+        """Forget everything owned (a device leaving): NaN values, no optimiser state."""
+        self.set_owned([])
+
+
+def _trainable_names(node: _Node, part: nn.Module) -> list[str]:
+    ids = {id(p) for p in part.parameters() if p.requires_grad}
+    return [n for n, p in node.params.items() if id(p) in ids]
+
+
+CutSchedule = Sequence[Sequence[int]] | Callable[[int, int], int]
+
+
+class SplitTrainer:
+    """Sequential split LoRA training of a causal LM between one server and devices taking turns.
+
+    Args:
+        model: base ``*ForCausalLM`` (Llama / Qwen2 / Mistral); it is copied, never modified.
+        lora_config: one ``peft.LoraConfig`` used for both sides (LoRA is initialised under
+            ``torch.manual_seed(config.seed)`` with ``peft.get_peft_model``, as ordinary peft training would).
+        config: :class:`SplitTrainConfig`.
+
+    Raises ValueError for an unsupported architecture, LoRA on a tied embedding/head, or
+    ``modules_to_save`` (not supported). Source: docs/model.md, "Split training".
+    """
+
+    def __init__(self, model: nn.Module, lora_config, config: SplitTrainConfig = SplitTrainConfig()):
+        from peft import get_peft_model
+
+        if getattr(lora_config, "modules_to_save", None):
+            raise ValueError(f"lora_config.modules_to_save={lora_config.modules_to_save!r} is invalid: "
+                             "must be None (split training adapts LoRA parameters only)")
+        self.config = config
+        self.wire = wire_dtype_of(config.wire_dtype)
+        torch.manual_seed(config.seed)
+        server_model = get_peft_model(copy.deepcopy(model), copy.deepcopy(lora_config))
+        split_model(server_model, 0, config.granularity)  # architecture / tied-LoRA checks
+        server_model.train()
+        device_model = copy.deepcopy(server_model)
+        self.num_units = num_units(server_model, config.granularity)
+        self.server, self.device = _Node(server_model, config), _Node(device_model, config)
+        self.server.set_owned(list(self.server.params))  # the server starts with the initial adapter
+        self.device.wipe()
+        self.cut: int | None = None
+        self.device_id: int | None = None
+        self.global_step = 0
+        self.logs: list[StepLog] = []
+
+    # ------------------------------------------------------------------ ownership
+    def _set_cut(self, cut: int) -> int:
+        """Re-split both instances at ``cut``; move LoRA parameters across. Returns bytes moved."""
+        d_part, _ = split_model(self.device.model, cut, self.config.granularity)
+        _, s_part = split_model(self.server.model, cut, self.config.granularity)
+        d_own, s_own = _trainable_names(self.device, d_part), _trainable_names(self.server, s_part)
+        to_dev = [n for n in d_own if n not in self.device.owned]
+        to_srv = [n for n in s_own if n not in self.server.owned]
+        pay_d = _roundtrip(self.server.export(to_dev)) if to_dev else None
+        pay_s = _roundtrip(self.device.export(to_srv)) if to_srv else None
+        moved = (_payload_bytes(pay_d) if pay_d else 0) + (_payload_bytes(pay_s) if pay_s else 0)
+        self.device.set_owned(d_own, pay_d)
+        self.server.set_owned(s_own, pay_s)
+        self.device.part, self.server.part, self.cut = d_part, s_part, cut
+        return moved
+
+    def _hand_over(self, new_device: int) -> int:
+        """The device in turn hands its adapter (and optimiser state) to ``new_device``. Returns bytes."""
+        payload = _roundtrip(self.device.export(self.device.owned))
+        owned = list(self.device.owned)
+        self.device.wipe()
+        self.device.set_owned(owned, payload)
+        self.device_id = new_device
+        return _payload_bytes(payload)
+
+    def _prepare(self, device_id: int, cut: int) -> int:
+        check_int_range("cut_layer", cut, 0, self.num_units)
+        moved = 0
+        if self.device_id is not None and device_id != self.device_id:
+            moved += self._hand_over(device_id)
+        self.device_id = device_id
+        if cut != self.cut:
+            moved += self._set_cut(int(cut))
+        return moved
+
+    # ------------------------------------------------------------------ one step
+    def step(self, batch: Mapping[str, torch.Tensor], device_id: int = 0, cut_layer: int | None = None,
+             round_index: int = 0) -> StepLog:
+        """Train on one mini-batch ``{"input_ids": (B, s) long, "labels": (B, s) long (-100 ignored),
+        optional "attention_mask": (B, s)}`` on device ``device_id`` with ``cut_layer`` (default: the
+        current cut, else L/2 rounded down). Returns the :class:`StepLog` (also appended to ``logs``)."""
+        if cut_layer is None:
+            cut_layer = self.cut if self.cut is not None else self.num_units // 2
+        moved = self._prepare(device_id, cut_layer)
+        ids, labels = batch["input_ids"], batch["labels"]
+        am = batch.get("attention_mask") if self.config.send_attention_mask else None
+        dev, srv = self.device.part, self.server.part
+        up = down = smashed = 0
+        t_srv = 0.0
+        t0 = time.perf_counter()
+        if dev.is_full:
+            logits = dev(ids, am)
+            loss = dev.loss(logits, labels)
+            loss.backward()
+        else:
+            h = dev(ids, am)
+            msg = to_wire(h, self.wire, labels, am)
+            up, smashed = msg.nbytes, msg.smashed_bytes
+            t1 = time.perf_counter()
+            x = msg.hidden.to(h.dtype).requires_grad_(True)
+            logits = srv(x, msg.attention_mask)
+            loss = srv.loss(logits, msg.labels)
+            loss.backward()
+            self.server.opt.step()
+            self.server.opt.zero_grad(set_to_none=True)
+            t_srv = time.perf_counter() - t1
+            if h.requires_grad:
+                g = x.grad.to(self.wire)
+                down = tensor_bytes(g)
+                h.backward(g.to(h.dtype))
+        self.device.opt.step()
+        self.device.opt.zero_grad(set_to_none=True)
+        t_dev = time.perf_counter() - t0 - t_srv
+        log = StepLog(self.global_step, round_index, device_id, int(cut_layer), float(loss.detach()), up, down,
+                      smashed, moved, t_dev, t_srv)
+        self.logs.append(log)
+        self.global_step += 1
+        return log
+
+    # ------------------------------------------------------------------ many steps
+    def run(self, device_batches: Sequence[Sequence[Mapping[str, torch.Tensor]]], cut_layers: CutSchedule,
+            rounds: int, steps_per_round: int = 1, *, checkpoint_path: str | os.PathLike | None = None,
+            checkpoint_every: int | None = None, stop_after: int | None = None) -> list[StepLog]:
+        """Train ``rounds`` rounds; in round n devices m = 0..M-1 take turns, each for ``steps_per_round``
+        mini-batches ``device_batches[m][(n * steps_per_round + i) % len(device_batches[m])]`` with cut
+        layer ``cut_layers[n][m]`` (or ``cut_layers(n, m)``; CARD decides it elsewhere).
+
+        Steps already done (``global_step``, e.g. after :meth:`load_checkpoint`) are skipped. A checkpoint
+        is written every ``checkpoint_every`` steps when ``checkpoint_path`` is set; ``stop_after`` stops
+        after that global step count (to emulate an interruption). Returns all logs so far.
+        """
+        from tqdm.auto import tqdm
+
+        check_int_range("rounds", rounds, 0, 10**9)
+        check_int_range("steps_per_round", steps_per_round, 1, 10**9)
+        m_dev = len(device_batches)
+        if m_dev == 0:
+            raise ValueError("device_batches=[] is invalid: must hold at least one device's batches")
+        cut_of = cut_layers if callable(cut_layers) else (lambda n, m: cut_layers[n][m])
+        sched = [(n, m, i) for n in range(rounds) for m in range(m_dev) for i in range(steps_per_round)]
+        end = len(sched) if stop_after is None else min(len(sched), stop_after)
+        bar = tqdm(total=end, initial=min(self.global_step, end), disable=not self.config.progress,
+                   desc="split training")
+        for k in range(self.global_step, end):
+            n, m, i = sched[k]
+            data = device_batches[m]
+            log = self.step(data[(n * steps_per_round + i) % len(data)], m, int(cut_of(n, m)), n)
+            bar.update(1)
+            bar.set_postfix(loss=f"{log.loss:.4f}", cut=log.cut_layer, dev=m)
+            if checkpoint_path is not None and checkpoint_every and self.global_step % checkpoint_every == 0:
+                self.save_checkpoint(checkpoint_path)
+        bar.close()
+        return self.logs
+
+    # ------------------------------------------------------------------ state
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """Every LoRA tensor, by its PeftModel parameter name, from whichever side owns it (copies)."""
+        out = {n: self.device.params[n].detach().clone() for n in self.device.owned}
+        out.update({n: self.server.params[n].detach().clone() for n in self.server.owned})
+        return out
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume exactly: adapters, owners, optimiser states, RNG, position, logs."""
+        return {
+            "version": CHECKPOINT_VERSION,
+            "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.config).items()},
+            "global_step": self.global_step, "cut": self.cut, "device_id": self.device_id,
+            "device_params": {n: self.device.params[n].detach().clone() for n in self.device.owned},
+            "server_params": {n: self.server.params[n].detach().clone() for n in self.server.owned},
+            "device_opt": self.device.opt_state(), "server_opt": self.server.opt_state(),
+            "rng": torch.get_rng_state(), "logs": [asdict(x) for x in self.logs],
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore a :meth:`state_dict`. Raises ValueError if it was made with another configuration."""
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"checkpoint version={state.get('version')!r} is invalid: must be {CHECKPOINT_VERSION}")
+        mine = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.config).items()}
+        theirs = dict(state["config"])
+        for k in ("progress",):
+            mine.pop(k), theirs.pop(k, None)
+        if mine != theirs:
+            raise ValueError(f"checkpoint config={theirs!r} is invalid: must equal this trainer's {mine!r}")
+        self.device.wipe()
+        self.server.set_owned(list(state["server_params"]),
+                              {"params": state["server_params"], "opt": state["server_opt"]})
+        self.device.set_owned(list(state["device_params"]),
+                              {"params": state["device_params"], "opt": state["device_opt"]})
+        self.cut, self.device_id = state["cut"], state["device_id"]
+        if self.cut is not None:
+            self.device.part, _ = split_model(self.device.model, self.cut, self.config.granularity)
+            _, self.server.part = split_model(self.server.model, self.cut, self.config.granularity)
+        self.global_step = int(state["global_step"])
+        self.logs = [StepLog(**d) for d in state["logs"]]
+        torch.set_rng_state(state["rng"])
+
+    def save_checkpoint(self, path: str | os.PathLike) -> Path:
+        """Write :meth:`state_dict` atomically (temporary file, then ``os.replace``). Returns the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+        return path
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Resume from a checkpoint written by :meth:`save_checkpoint` (``torch.load(weights_only=True)``)."""
+        self.load_state_dict(torch.load(Path(path), weights_only=True))
+
+    # ------------------------------------------------------------------ export
+    def export_adapter(self, directory: str | os.PathLike) -> Path:
+        """Merge the device-side and server-side adapters into one standard PEFT adapter folder
+        (``adapter_config.json`` + ``adapter_model.safetensors``) that
+        ``peft.PeftModel.from_pretrained(unsplit_base_model, directory)`` loads. Returns the folder."""
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        merged = self.adapter_state()
+        expected = get_peft_model_state_dict(self.server.model)
+        out = {}
+        for name, t in merged.items():
+            key = name.replace(f".{ADAPTER_NAME}", "")
+            if key not in expected:
+                raise RuntimeError(f"LoRA tensor {name!r} has no key in the PEFT adapter format")
+            out[key] = t.contiguous()
+        missing = set(expected) - set(out)
+        if missing:
+            raise RuntimeError(f"adapter export is missing {sorted(missing)[:3]}...")
+        save_file(out, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+        self.server.model.peft_config[ADAPTER_NAME].save_pretrained(str(directory))
+        return directory
+
+
+def logs_frame(logs: Sequence[StepLog]):
+    """The step logs as a pandas DataFrame (one row per mini-batch, columns of :class:`StepLog`)."""
+    import pandas as pd
+
+    return pd.DataFrame([asdict(x) for x in logs])
