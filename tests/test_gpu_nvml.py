@@ -1,6 +1,5 @@
 """NVML backend against a recording fake pynvml that raises the REAL pynvml error classes."""
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -211,6 +211,9 @@ class GPUClockBackend(abc.ABC):
     Args:
         allow_clock_control: allow ``locked_clock`` to change clocks. Also enabled by the environment
             variable ``SPLITLORA_ALLOW_CLOCK_CONTROL=1``. Backends without real hardware ignore it.
+
+    Sources: NVML https://docs.nvidia.com/deploy/nvml-api/ (clock locking, energy counter); Linux devfreq
+    https://www.kernel.org/doc/Documentation/ABI/testing/sysfs-class-devfreq (min_freq/max_freq/cur_freq).
     """
 
     #: short name used by the factory and in messages
