@@ -143,8 +143,13 @@ def _build_context(hf: nn.Module, hidden: torch.Tensor, attention_mask: torch.Te
 
 
 def _layer_type(hf: nn.Module, k: int) -> str:
+    """Mask kind of block k: ``config.layer_types`` (Qwen2), else Mistral's model-wide sliding window."""
     types = getattr(hf.config, "layer_types", None)
-    return types[k] if types else "full_attention"
+    if types:
+        return types[k]
+    if hf.config.model_type == "mistral" and getattr(hf.config, "sliding_window", None) is not None:
+        return "sliding_attention"
+    return "full_attention"
 
 
 # ----------------------------------------------------------------------------------------------- units
