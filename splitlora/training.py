@@ -142,15 +142,17 @@ class _Node:
                 "opt": {n: st[n] for n in names if n in st}}
 
     def set_owned(self, owned: Sequence[str], incoming: dict | None = None) -> None:
-        """Own ``owned`` from now on; load ``incoming`` (a payload), wipe (NaN) what is no longer owned."""
+        """Own ``owned`` from now on; load ``incoming`` (a payload); every LoRA tensor not owned is NaN."""
         state = self.opt_state()
         incoming = incoming or {"params": {}, "opt": {}}
         with torch.no_grad():
             for n, v in incoming["params"].items():
                 self.params[n].copy_(v)
-            for n in set(self.owned) - set(owned):
-                self.params[n].fill_(float("nan"))
-                state.pop(n, None)
+            keep = set(owned)
+            for n, p in self.params.items():
+                if n not in keep:
+                    p.fill_(float("nan"))
+                    state.pop(n, None)
         state.update(incoming["opt"])
         self.owned = list(owned)
         self.opt = self._make_opt(state)
@@ -383,7 +385,7 @@ class SplitTrainer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         merged = self.adapter_state()
-        expected = get_peft_model_state_dict(self.server.model)
+        expected = get_peft_model_state_dict(self.server.model, save_embedding_layers=False)
         out = {}
         for name, t in merged.items():
             key = name.replace(f".{ADAPTER_NAME}", "")

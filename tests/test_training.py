@@ -1,0 +1,218 @@
+"""Split training equals ordinary peft training; hand-over, checkpoint/resume and adapter export (issue 3)."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from splitlora.split import num_units
+from splitlora.training import SplitTrainConfig, SplitTrainer, logs_frame
+
+V, H, BLOCKS, B, S = 97, 32, 3, 2, 10
+
+
+def tiny_model(family: str = "llama", tie: bool = True, attn: str = "sdpa", seed: int = 0):
+    """A random tiny causal LM (fp32, eval mode)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    cfg_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[family]
+    cfg = cfg_cls(vocab_size=V, hidden_size=H, intermediate_size=2 * H, num_hidden_layers=BLOCKS,
+                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie, use_cache=False)
+    cfg._attn_implementation = attn
+    torch.manual_seed(seed)
+    return model_cls(cfg).eval()
+
+
+def lora_config(tie: bool, dropout: float = 0.1):
+    from peft import LoraConfig
+
+    targets = ["q_proj", "v_proj", "down_proj"] + ([] if tie else ["lm_head", "embed_tokens"])
+    return LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets)
+
+
+def make_batches(n: int, seed: int):
+    """n mini-batches {input_ids, labels, attention_mask} (B, S); the second row is right-padded."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1, V, (B, S), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1, 6:] = 0
+        ids[1, 6:] = 0
+        labels = ids.masked_fill(mask == 0, -100)
+        out.append({"input_ids": ids, "labels": labels, "attention_mask": mask})
+    return out
+
+
+def reference_training(model, lora, batches, cfg: SplitTrainConfig):
+    """Ordinary peft training of the unsplit model: one AdamW, the model's own forward and loss."""
+    from peft import get_peft_model
+
+    torch.manual_seed(cfg.seed)
+    ref = get_peft_model(copy.deepcopy(model), copy.deepcopy(lora))
+    ref.train()
+    opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.betas,
+                            eps=cfg.eps, weight_decay=cfg.weight_decay)
+    losses = []
+    for b in batches:
+        am = b["attention_mask"] if cfg.send_attention_mask else None
+        out = ref(input_ids=b["input_ids"], attention_mask=am, labels=b["labels"])
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(out.loss.item())
+    return ref, losses
+
+
+def assert_same_adapters(trainer, ref, atol=1e-5):
+    got = trainer.adapter_state()
+    want = {n: p for n, p in ref.named_parameters() if p.requires_grad}
+    assert set(got) == set(want)
+    worst = max((got[n] - want[n]).abs().max().item() for n in got)
+    assert worst <= atol, worst
+    return worst
+
+
+@pytest.mark.parametrize("granularity", ["block", "sublayer"])
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_two_devices_every_cut_equals_unsplit_training(family, attn, tie, granularity):
+    """Two devices take turns, the cut moves through every value 0..L (and back): the LoRA weights and
+    losses equal ordinary peft training on the concatenated data order."""
+    model = tiny_model(family, tie, attn)
+    lora = lora_config(tie)
+    cfg = SplitTrainConfig(lr=1e-2, seed=3, granularity=granularity, send_attention_mask=(attn == "eager"))
+    L = num_units(model, granularity)
+    cuts = list(range(L + 1)) + [L // 2]
+    rounds = math.ceil(len(cuts) / 2)
+    schedule = [[cuts[(2 * n + m) % len(cuts)] for m in range(2)] for n in range(rounds)]
+    data = [make_batches(rounds, seed=10), make_batches(rounds, seed=20)]
+    trainer = SplitTrainer(model, lora, cfg)
+    logs = trainer.run(data, schedule, rounds=rounds)
+    concatenated = [data[m][n] for n in range(rounds) for m in range(2)]
+    ref, ref_losses = reference_training(model, lora, concatenated, cfg)
+    assert [x.cut_layer for x in logs] == [schedule[n][m] for n in range(rounds) for m in range(2)]
+    assert sorted(set(x.cut_layer for x in logs)) == list(range(L + 1))
+    torch.testing.assert_close(torch.tensor([x.loss for x in logs]), torch.tensor(ref_losses), rtol=0, atol=1e-5)
+    assert_same_adapters(trainer, ref)
+    assert logs[-1].loss != logs[0].loss  # training moved
+
+
+def test_steps_per_round_and_callable_schedule():
+    model = tiny_model()
+    lora = lora_config(True, dropout=0.0)
+    cfg = SplitTrainConfig(lr=5e-3, seed=0, granularity="sublayer")
+    data = [make_batches(4, 1), make_batches(4, 2), make_batches(4, 3)]
+    trainer = SplitTrainer(model, lora, cfg)
+    logs = trainer.run(data, lambda n, m: (n + 2 * m) % 7, rounds=2, steps_per_round=2)
+    order = [data[m][n * 2 + i] for n in range(2) for m in range(3) for i in range(2)]
+    ref, losses = reference_training(model, lora, order, cfg)
+    assert [x.device for x in logs] == [0, 0, 1, 1, 2, 2] * 2
+    torch.testing.assert_close(torch.tensor([x.loss for x in logs]), torch.tensor(losses), rtol=0, atol=1e-5)
+    assert_same_adapters(trainer, ref)
+    # hand-over bytes only on the first step of each device's turn (not on the very first step? the server
+    # sends the initial device adapter then)
+    assert all(x.handover_bytes == 0 for x in logs[1::2])
+
+
+def test_handover_really_moves_the_adapter():
+    """The receiving side is wiped (NaN) before loading: nothing is shared by accident."""
+    trainer = SplitTrainer(tiny_model(), lora_config(True, 0.0), SplitTrainConfig(seed=0))
+    batch = make_batches(1, 0)[0]
+    trainer.step(batch, device_id=0, cut_layer=2)
+    dev_names = set(trainer.device.owned)
+    assert dev_names and not dev_names & set(trainer.server.owned)
+    for n, p in trainer.device.params.items():
+        assert torch.isnan(p).all() == (n not in dev_names)
+    for n, p in trainer.server.params.items():
+        assert torch.isnan(p).all() == (n in dev_names)
+    log = trainer.step(batch, device_id=1, cut_layer=1)  # hand-over and a smaller cut
+    assert log.handover_bytes > 0 and math.isfinite(log.loss)
+    assert len(trainer.device.owned) < len(dev_names)
+
+
+def test_logged_bytes():
+    cfg = SplitTrainConfig(wire_dtype="bfloat16")
+    trainer = SplitTrainer(tiny_model(), lora_config(True, 0.0), cfg)
+    batch = make_batches(1, 0)[0]
+    log0 = trainer.step(batch, cut_layer=0)  # no trainable device part: no gradient comes back
+    assert log0.smashed_bytes == B * S * H * 2 and log0.bytes_up == B * S * H * 2 + B * S * 8
+    assert log0.bytes_down == 0
+    log1 = trainer.step(batch, cut_layer=1)
+    assert log1.bytes_down == B * S * H * 2 and log1.handover_bytes > 0
+    logL = trainer.step(batch, cut_layer=BLOCKS)
+    assert logL.bytes_up == logL.bytes_down == logL.smashed_bytes == 0
+    df = logs_frame(trainer.logs)
+    assert list(df["cut_layer"]) == [0, 1, BLOCKS] and {"loss", "bytes_up", "device"} <= set(df.columns)
+
+
+def test_bf16_wire_trains_close_to_fp32():
+    model, lora = tiny_model(), lora_config(True, 0.0)
+    data = [make_batches(3, 5)]
+    l32 = SplitTrainer(model, lora, SplitTrainConfig(lr=1e-2)).run(data, [[1]] * 3, rounds=3)
+    l16 = SplitTrainer(model, lora, SplitTrainConfig(lr=1e-2, wire_dtype="bfloat16")).run(data, [[1]] * 3, rounds=3)
+    diffs = [abs(a.loss - b.loss) for a, b in zip(l32, l16)]
+    assert max(diffs) < 0.05 and max(diffs) > 0
+
+
+def test_checkpoint_resume_is_identical(tmp_path):
+    model, lora = tiny_model(tie=False), lora_config(False, dropout=0.2)
+    cfg = SplitTrainConfig(lr=1e-2, seed=7, granularity="sublayer")
+    data = [make_batches(3, 1), make_batches(3, 2)]
+    sched = [[1, 5], [6, 0], [3, 2]]
+    full = SplitTrainer(model, lora, cfg)
+    full.run(data, sched, rounds=3)
+    ck = tmp_path / "ck.pt"
+    first = SplitTrainer(model, lora, cfg)
+    first.run(data, sched, rounds=3, checkpoint_path=ck, checkpoint_every=1, stop_after=3)
+    assert ck.exists() and not (tmp_path / "ck.pt.tmp").exists()
+    torch.rand(5)  # disturb the RNG: resume must restore it (LoRA dropout draws from it)
+    resumed = SplitTrainer(model, lora, cfg)
+    resumed.load_checkpoint(ck)
+    assert resumed.global_step == 3
+    resumed.run(data, sched, rounds=3)
+    assert [x.loss for x in resumed.logs] == [x.loss for x in full.logs]
+    a, b = resumed.adapter_state(), full.adapter_state()
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    with pytest.raises(ValueError, match="checkpoint config"):
+        SplitTrainer(model, lora, SplitTrainConfig(lr=1e-3, seed=7, granularity="sublayer")).load_checkpoint(ck)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_export_loads_as_standard_peft_adapter(tmp_path, tie):
+    from peft import PeftModel
+
+    model = tiny_model(tie=tie)
+    trainer = SplitTrainer(model, lora_config(tie, 0.0), SplitTrainConfig(lr=2e-2, granularity="sublayer"))
+    trainer.run([make_batches(2, 0), make_batches(2, 1)], [[2, 4], [1, 5]], rounds=2)
+    out = trainer.export_adapter(tmp_path / "adapter")
+    assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
+    loaded = PeftModel.from_pretrained(copy.deepcopy(model), out).eval()
+    ids = make_batches(1, 9)[0]["input_ids"]
+    with torch.no_grad():
+        got = loaded(input_ids=ids).logits
+        dev, srv = trainer.device.part, trainer.server.part  # cut 5 of 6 at the end
+        dev.eval(), srv.eval()
+        split = srv(dev(ids))
+        base = model(ids).logits
+    torch.testing.assert_close(got, split, rtol=0, atol=1e-5)
+    assert (got - base).abs().max() > 1e-4  # the adapter is not a no-op
+
+
+def test_trainer_refuses_bad_inputs():
+    from peft import LoraConfig
+
+    with pytest.raises(ValueError, match="LoRA target 'lm_head' is invalid"):
+        SplitTrainer(tiny_model(tie=True), LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    with pytest.raises(ValueError, match="modules_to_save"):
+        SplitTrainer(tiny_model(), LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    with pytest.raises(ValueError, match="wire_dtype='fp8' is invalid"):
+        SplitTrainConfig(wire_dtype="fp8")
+    with pytest.raises(ValueError, match="lr=0 is invalid"):
+        SplitTrainConfig(lr=0)
+    trainer = SplitTrainer(tiny_model(), lora_config(True, 0.0))
+    with pytest.raises(ValueError, match="cut_layer=9 is invalid"):
+        trainer.step(make_batches(1, 0)[0], cut_layer=9)
