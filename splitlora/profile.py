@@ -17,6 +17,10 @@ FLOP conventions (one mini-batch of ``B`` sequences of ``s`` tokens, ``T = B s``
   recomputes the scores and is counted as 2.5x by FlopCounterMode).
 * elementwise ops (RMSNorm, SiLU, rotary, residual adds, softmax, cross-entropy) count 0, as in FlopCounterMode.
 * head (final norm + LM head + loss): ``2 T H V`` forward and ``2 T H V`` backward (input gradient; frozen head).
+* saved activations (memory) are listed per tensor in ``_sublayer``; checked against saved_tensors_hooks on
+  transformers' layers with sdpa's memory-efficient kernel (no s x s score matrix is kept).
+* device memory = frozen weights x param_bytes + 16 bytes per LoRA parameter (fp32 weight, grad, two AdamW
+  states) + saved activations; no runtime reserve (the hardware model adds it).
 * autograd skips what it does not need: the embedding output does not require grad, so block 1 computes no
   input gradient for q/k/v (gate/up) until a LoRA adapter has been passed; at ``c = 0`` no gradient is sent down.
 
@@ -293,7 +297,10 @@ def t5_lora_minibatch_memory_bytes(config, *, batch_size, seq_len, target_len=No
     activations (assumes d_ff = 4h, n_heads x d_kv = h, eager attention that stores the s x s scores, dropout
     masks; T5's eager attention fits), scaled by activation_bytes / 2. A decoder layer adds cross-attention,
     counted as that formula's attention part ``11 t b h + 5 a t s b``. The loss keeps b t V fp32 log-probs.
-    It ignores that frozen weights let autograd skip a few saved inputs (an over-estimate of a few %).
+    Checked against autograd's saved tensors of a 2+2-layer T5 of T5-Large width (train mode, LoRA on q, v,
+    fp32): estimate / measured = 0.99 at b=2, s=64 and 0.94 at s=256. Without dropout (eval mode) it
+    over-estimates by 38-73% (the masks and the dropout outputs are then not stored).
+    Examples (fp32, r=8 on q, v): b=4, s=128: 5.8 GB; b=1, s=512: 8.1 GB; b=8, s=128: 8.6 GB.
     Raises ValueError for bad input or a config whose model_type is not t5.
     """
     if not hasattr(config, "model_type"):

@@ -9,7 +9,6 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import contextlib  # noqa: E402
 import shutil  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -265,3 +264,20 @@ def test_t5_memory_estimate():
     model = get_peft_model(T5ForConditionalGeneration(small), LoraConfig(r=4, target_modules=["q", "v", "wo"]))
     lora = t5_lora_minibatch_memory_bytes(small, batch_size=1, seq_len=8, lora_rank=4, lora_targets=("q", "v", "wo"))
     assert lora.lora_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_t5_activation_estimate_matches_saved_tensors():
+    """Korthikanti's per-layer formula against autograd's saved tensors of a 2+2-layer T5 of T5-Large width
+    (train mode: dropout 0.1 as in the config, LoRA on q, v). Measured: estimate/saved = 0.99 at s = 64 and
+    0.94 at s = 256 (fp32). 15% tolerance: the formula is a published approximation, not an exact count."""
+    from peft import get_peft_model
+    from transformers import T5ForConditionalGeneration
+    cfg = load_model_config("t5-large")
+    cfg.num_layers = cfg.num_decoder_layers = 2
+    torch.manual_seed(0)
+    model = get_peft_model(T5ForConditionalGeneration(cfg), LoraConfig(r=8, target_modules=["q", "v"])).train()
+    ids = torch.randint(0, cfg.vocab_size, (2, 64))
+    saved = _saved_bytes(lambda x: model(input_ids=x, labels=x).loss, ids,
+                         exclude={p.untyped_storage().data_ptr() for p in model.parameters()})
+    est = t5_lora_minibatch_memory_bytes(cfg, batch_size=2, seq_len=64, lora_targets=("q", "v"))
+    assert _rel(est.activation_bytes, saved) < 0.15, (est.activation_bytes, saved)
