@@ -315,7 +315,8 @@ def t5_lora_minibatch_memory_bytes(config, *, batch_size, seq_len, target_len=No
         check_choice("lora_targets", tg, ("q", "k", "v", "o", "wi", "wo"))
     check_positive("param_bytes", param_bytes)
     check_positive("activation_bytes", activation_bytes)
-    h, inner, ff, a, V = config.d_model, config.num_heads * config.d_kv, config.d_ff, config.num_heads, config.vocab_size
+    h, inner, ff = config.d_model, config.num_heads * config.d_kv, config.d_ff
+    a, V = config.num_heads, config.vocab_size
     Le, Ld, r, b, s = config.num_layers, config.num_decoder_layers, lora_rank, batch_size, seq_len
     n_wi = 2 if getattr(config, "is_gated_act", False) else 1
     attn_p, ff_p = 4 * h * inner, n_wi * h * ff + ff * h
