@@ -216,3 +216,21 @@ def test_trainer_refuses_bad_inputs():
     trainer = SplitTrainer(tiny_model(), lora_config(True, 0.0))
     with pytest.raises(ValueError, match="cut_layer=9 is invalid"):
         trainer.step(make_batches(1, 0)[0], cut_layer=9)
+
+
+def test_measure_profile_counts_bytes_per_cut():
+    from splitlora.measure import measure_split_profile
+    from splitlora.models import tiny_llama_config
+
+    cfg = tiny_llama_config(vocab_size=V, hidden_size=H, num_layers=BLOCKS, tie_word_embeddings=False)
+    df = measure_split_profile(cfg, granularity="sublayer", batch_size=B, seq_len=S, repeats=1, warmup=0,
+                               wire_dtype="bfloat16")
+    L = 2 * BLOCKS
+    assert list(df["cut_layer"]) == list(range(L + 1))
+    assert (df["smashed_bytes"][:L] == B * S * H * 2).all() and df["smashed_bytes"].iloc[L] == 0
+    total = df["device_param_bytes"] + df["server_param_bytes"]
+    assert total.nunique() == 1  # untied: the parts partition the model
+    assert df["device_param_bytes"].is_monotonic_increasing and df["server_param_bytes"].is_monotonic_decreasing
+    assert df["device_activation_bytes"].is_monotonic_increasing
+    assert (df["server_time_s"].iloc[:L] > 0).all() and df["server_time_s"].iloc[L] == 0
+    assert df["server_mem_bytes"].iloc[L] == 0 and (df["device_mem_bytes"] > df["device_param_bytes"]).all()

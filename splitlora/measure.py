@@ -1,0 +1,171 @@
+"""Host measurement of split LoRA training per cut layer: the measured profile the delay model predicts.
+
+For every cut layer c, :func:`measure_split_profile` runs real split training steps (device forward,
+wire cast, server forward + loss, server backward, device backward) on this host and records
+(docs/model.md, "Measured profile"):
+
+* ``device_fwd_s``, ``device_bwd_s``, ``server_fwd_s``, ``server_bwd_s``: wall-clock seconds per
+  mini-batch, median over ``repeats`` steps after ``warmup`` steps (optimiser step excluded);
+* ``smashed_bytes``: B s H x bytes per wire element (0 when c = L);
+* memory of each part (unit: byte), *counted*, not sampled from the allocator:
+  ``*_param_bytes`` frozen + LoRA weights held by the part; ``*_lora_bytes`` LoRA weights only;
+  ``*_activation_bytes`` the tensors autograd saves for backward during the part's forward (captured
+  with ``torch.autograd.graph.saved_tensors_hooks``, unique storages, parameters excluded);
+  ``*_mem_bytes`` = param bytes + 3 x LoRA bytes (gradients and AdamW's two moments) + activation bytes
+  + the smashed tensor and its gradient at the cut.
+  Counting is exact and platform independent; allocator peaks on CPU (tracemalloc/psutil) are not
+  (caching, fragmentation, other threads), which is why they are not used.
+
+The default model is the Llama-3.2-1B architecture with random weights (time and memory do not depend on
+the values); ``num_layers`` and ``seq_len`` shrink it for a CPU run.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from ._validate import check_choice, check_int_range
+from .split import GRANULARITIES, WIRE_DTYPES, num_units, split_model, tensor_bytes, wire_dtype_of
+
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+class _SavedTensorCounter:
+    """Context manager: bytes of the unique non-parameter storages autograd saves for backward."""
+
+    def __init__(self, exclude_ptrs: set[int]):
+        self.exclude, self.seen, self.nbytes = exclude_ptrs, set(), 0
+
+    def _pack(self, t: torch.Tensor):
+        st = t.untyped_storage()
+        ptr = st.data_ptr()
+        if ptr not in self.exclude and ptr not in self.seen:
+            self.seen.add(ptr)
+            self.nbytes += st.nbytes()
+        return t
+
+    def __enter__(self):
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+
+
+def _param_bytes(module: torch.nn.Module) -> tuple[int, int]:
+    """(all parameter bytes, trainable parameter bytes) of a module (unique parameters)."""
+    ps = list(module.parameters())
+    return sum(tensor_bytes(p) for p in ps), sum(tensor_bytes(p) for p in ps if p.requires_grad)
+
+
+def _median(xs: list[float]) -> float:
+    return float(statistics.median(xs)) if xs else 0.0
+
+
+def measure_cut(model, cut_layer: int, input_ids: torch.Tensor, labels: torch.Tensor, *,
+                granularity: str = "block", wire_dtype: str = "float32", repeats: int = 3,
+                warmup: int = 1) -> dict:
+    """One row of :func:`measure_split_profile` for a LoRA-wrapped ``model`` at ``cut_layer``.
+
+    ``input_ids``/``labels``: (B, s) long. Returns a dict of the columns documented in the module
+    docstring. Raises ValueError for a bad cut, granularity or wire dtype.
+    """
+    check_int_range("repeats", repeats, 1, 10**6)
+    check_int_range("warmup", warmup, 0, 10**6)
+    wire = wire_dtype_of(wire_dtype)
+    dev, srv = split_model(model, cut_layer, granularity)
+    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    param_ptrs |= {p.untyped_storage().data_ptr() for p in srv.parameters()}
+    t = {k: [] for k in ("df", "db", "sf", "sb")}
+    act_d = act_s = smashed = 0
+    for i in range(warmup + repeats):
+        keep = i >= warmup
+        t0 = time.perf_counter()
+        with _SavedTensorCounter(param_ptrs) as cd:
+            out = dev(input_ids)
+            loss_d = dev.loss(out, labels) if dev.is_full else None
+        t1 = time.perf_counter()
+        if dev.is_full:
+            loss_d.backward()
+            t2 = time.perf_counter()
+            if keep:
+                t["df"].append(t1 - t0), t["db"].append(t2 - t1)
+            act_d = cd.nbytes
+        else:
+            x = out.detach().to(wire).to(out.dtype).requires_grad_(True)
+            smashed = out.numel() * torch.empty((), dtype=wire).element_size()
+            t2 = time.perf_counter()
+            with _SavedTensorCounter(param_ptrs) as cs:
+                loss = srv.loss(srv(x), labels)
+            t3 = time.perf_counter()
+            loss.backward()
+            t4 = time.perf_counter()
+            if out.requires_grad:
+                out.backward(x.grad.to(wire).to(out.dtype))
+            t5 = time.perf_counter()
+            if keep:
+                t["df"].append(t1 - t0), t["sf"].append(t3 - t2), t["sb"].append(t4 - t3), t["db"].append(t5 - t4)
+            act_d, act_s = cd.nbytes, cs.nbytes
+        model.zero_grad(set_to_none=True)
+    pd_all, pd_lora = _param_bytes(dev)
+    ps_all, ps_lora = _param_bytes(srv)
+    cut_io = 2 * smashed if not dev.is_full else 0
+    n = num_units(model, granularity)
+    row = dict(cut_layer=int(cut_layer), num_units=n, granularity=granularity, wire_dtype=wire_dtype,
+               batch_size=int(input_ids.shape[0]), seq_len=int(input_ids.shape[1]),
+               device_fwd_s=_median(t["df"]), device_bwd_s=_median(t["db"]),
+               server_fwd_s=_median(t["sf"]), server_bwd_s=_median(t["sb"]),
+               smashed_bytes=int(smashed),
+               device_param_bytes=pd_all, device_lora_bytes=pd_lora, device_activation_bytes=act_d,
+               server_param_bytes=ps_all, server_lora_bytes=ps_lora, server_activation_bytes=act_s)
+    row["device_time_s"] = row["device_fwd_s"] + row["device_bwd_s"]
+    row["server_time_s"] = row["server_fwd_s"] + row["server_bwd_s"]
+    row["device_mem_bytes"] = pd_all + 3 * pd_lora + act_d + cut_io
+    row["server_mem_bytes"] = (ps_all + 3 * ps_lora + act_s + cut_io) if not dev.is_full else 0
+    return row
+
+
+def measure_split_profile(config=None, *, cuts=None, granularity: str = "block", batch_size: int = 1,
+                          seq_len: int = 32, num_layers: int | None = None, lora_r: int = 8,
+                          lora_alpha: int = 16, lora_targets=DEFAULT_LORA_TARGETS, wire_dtype: str = "float32",
+                          repeats: int = 3, warmup: int = 1, seed: int = 0, dtype: torch.dtype = torch.float32,
+                          model=None, progress: bool = False):
+    """Measured device/server time, memory and smashed bytes per cut layer, as a pandas DataFrame.
+
+    Args:
+        config: a transformers config; default ``llama32_1b_config(num_layers)`` (Llama-3.2-1B, 16 blocks).
+        cuts: cut layers to measure (default all 0..L).
+        granularity: ``"block"`` or ``"sublayer"``. batch_size, seq_len: the mini-batch (B, s).
+        lora_r, lora_alpha, lora_targets: the LoRA adapter (peft ``LoraConfig``, dropout 0).
+        wire_dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``. repeats, warmup: timed / untimed steps.
+        model: an existing ``*ForCausalLM`` (overrides ``config``; it gets LoRA in place).
+    Returns one row per cut (columns: see the module docstring). Runtime grows with L x repeats;
+    the full 1B model takes seconds per step on a CPU.
+    """
+    import pandas as pd
+    from peft import LoraConfig, get_peft_model
+    from tqdm.auto import tqdm
+
+    from .models import llama32_1b_config, model_from_config
+
+    check_choice("granularity", granularity, GRANULARITIES)
+    check_choice("wire_dtype", wire_dtype, WIRE_DTYPES)
+    check_int_range("batch_size", batch_size, 1, 10**6)
+    check_int_range("seq_len", seq_len, 1, 10**6)
+    if model is None:
+        config = config if config is not None else llama32_1b_config(num_layers)
+        model = model_from_config(config, seed=seed, dtype=dtype)
+    model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0,
+                                             target_modules=list(lora_targets)))
+    model.train()
+    n = num_units(model, granularity)
+    cuts = list(range(n + 1)) if cuts is None else [int(c) for c in cuts]
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.get_base_model().config.vocab_size
+    ids = torch.randint(0, vocab, (batch_size, seq_len), generator=g)
+    rows = [measure_cut(model, c, ids, ids.clone(), granularity=granularity, wire_dtype=wire_dtype,
+                        repeats=repeats, warmup=warmup) for c in tqdm(cuts, disable=not progress, desc="cuts")]
+    return pd.DataFrame(rows)
