@@ -4,7 +4,7 @@ Per mini-batch, for cut layer c (device runs units 1..c), device compute P_d (FL
 R_up / R_down (bit/s) and server GPU clock f (Hz):
 
     T_d(c)    = F_d(c) / P_d                                   device compute (s)
-    T_l(c)    = 8 S(c) (1/R_up + 1/R_down)                      smashed data up, its gradient down (s)
+    T_l(c)    = 8 S(c) / R_up + 8 G(c) / R_down                 smashed data up, its gradient down (s)
     T_s(c, f) = C_s(c) / f,   C_s(c) = F_s(c) / (eta_s g_s)     server compute (s), server cycles
     E_s(c, f) = kappa C_s(c) f^2 + P0 C_s(c) / f                server energy (J)
 
@@ -50,7 +50,9 @@ class CostModel:
     Attributes (arrays of shape (L+1,), index = cut layer c):
         device_flops: F_d(c), device forward + backward FLOPs per mini-batch (FLOP).
         server_cycles: C_s(c), server GPU cycles per mini-batch (cycle); 0 at c = L.
-        smashed_bits: 8 S(c), bits of smashed data per mini-batch, one direction (bit); 0 at c = L.
+        smashed_bits: 8 S(c), bits of smashed data sent up per mini-batch (bit); 0 at c = L.
+        grad_bits: 8 G(c), bits of its gradient sent down per mini-batch (bit); G = S except 0 at c = 0
+            (no device-side LoRA, nothing to send back) and c = L.
         handover_bits: 8 A(c) b_A, bits of the device-side LoRA adapter (bit).
         device_memory_bytes: Mem_d(c), device memory needed for training (byte), without the runtime reserve.
         kappa: server effective switched capacitance (W/Hz^3); static_power_w: P0 (W).
@@ -62,6 +64,7 @@ class CostModel:
     device_flops: np.ndarray
     server_cycles: np.ndarray
     smashed_bits: np.ndarray
+    grad_bits: np.ndarray
     handover_bits: np.ndarray
     device_memory_bytes: np.ndarray
     kappa: float
@@ -92,11 +95,14 @@ class CostModel:
                 raise ValueError(f"profile.{name} has shape {a.shape}: must be ({L + 1},) = (n_cuts + 1,)")
             V.check_positive(f"profile.{name}", a, allow_zero=True)
             arrays[name] = a
+        grad = np.asarray(getattr(profile, "grad_bytes", arrays["smashed_bytes"]), dtype=float)
+        V.check_positive("profile.grad_bytes", grad, allow_zero=True)
         server_flops = arrays["server_fwd_flops"] + arrays["server_bwd_flops"]
         return cls(
             device_flops=arrays["device_fwd_flops"] + arrays["device_bwd_flops"],
             server_cycles=server_flops / (server.utilisation * server.flops_per_cycle),
             smashed_bits=8.0 * arrays["smashed_bytes"],
+            grad_bits=8.0 * grad,
             handover_bits=8.0 * arrays["device_lora_params"] * workload.adapter_bytes_per_param,
             device_memory_bytes=arrays["device_memory_bytes"],
             kappa=server.kappa, static_power_w=server.static_power_w,
@@ -114,8 +120,8 @@ class CostModel:
         """
         P, Ru, Rd = _inputs(device_flops_per_s, rate_up_bps, rate_down_bps)
         inv_r = (1.0 / Ru + 1.0 / Rd)[:, None]
-        return (self.iterations * (self.device_flops[None, :] / P[:, None] + self.smashed_bits[None, :] * inv_r)
-                + self.handover_bits[None, :] * inv_r)
+        link = self.smashed_bits[None, :] / Ru[:, None] + self.grad_bits[None, :] / Rd[:, None]
+        return self.iterations * (self.device_flops[None, :] / P[:, None] + link) + self.handover_bits[None, :] * inv_r
 
     def server_delay_s(self, cut_layer, f_hz) -> np.ndarray:
         """I C_s(c) / f (s); 0 where C_s = 0 (device-only), whatever f. Broadcasts cut_layer with f_hz."""
