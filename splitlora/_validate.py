@@ -16,6 +16,8 @@ def _show(value) -> str:
     arr = np.asarray(value) if not isinstance(value, (str, bytes)) else None
     if arr is not None and arr.ndim > 0 and arr.size > 6:
         return f"<array of shape {arr.shape}>"
+    if arr is not None and arr.ndim > 0 and arr.dtype.kind in "biuf":
+        return repr(arr.item() if arr.size == 1 else arr.tolist())
     return repr(value)
 
 
