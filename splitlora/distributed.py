@@ -134,7 +134,10 @@ class RunConfig:
     device holds (random tokens, seeded by ``data_seed`` and the device index; the second half of every second
     row is padding). devices: device names of data/hardware.yaml, one per device rank (their reported profile).
     rounds, steps_per_round: N rounds, I mini-batches per device per round. cut: "card" (CARD each round),
-    an int (fixed) or a list per round of a cut per device. w: CARD's delay weight. link: :class:`LinkConfig`.
+    an int (fixed) or a list per round of a cut per device. w: CARD's delay weight. card_scenario: None (CARD
+    costs the trained model and workload) or :class:`~splitlora.experiments.Scenario` fields: CARD then decides
+    for that scenario's model (e.g. Llama-3.2-1B, L' units, ``w`` from the scenario) and the trained model gets
+    the cut round(c' L / L'), so a small model can stand in for the paper's. link: :class:`LinkConfig`.
     dist: :class:`DistConfig`.
     """
 
@@ -151,6 +154,7 @@ class RunConfig:
     steps_per_round: int = 2
     cut: object = "card"
     w: float = 0.1
+    card_scenario: dict | None = None
     link: LinkConfig = LinkConfig()
     dist: DistConfig = DistConfig()
 
@@ -262,7 +266,8 @@ def channel_rates(cfg: RunConfig):
 
 
 def cost_model(cfg: RunConfig, hf_config):
-    """CARD's cost model of this run's model and workload on the data/hardware.yaml server."""
+    """(CARD's cost model, the trained model's profile): the cost model is that of this run's model and workload
+    on the data/hardware.yaml server, or of ``card_scenario``."""
     from .hardware import load_server
     from .profile import ATTN_TARGETS, MLP_TARGETS, profile_model
     from .system import CostModel, Workload
@@ -272,21 +277,26 @@ def cost_model(cfg: RunConfig, hf_config):
     prof = profile_model(hf_config, batch_size=cfg.batch_size, seq_len=cfg.seq_len, granularity=cfg.train.granularity,
                          lora_rank=int(cfg.lora.get("r", 8)), lora_targets=targets or ATTN_TARGETS,
                          param_bytes=4, wire_bytes=wire)
+    if cfg.card_scenario is not None:
+        from .experiments import Scenario
+
+        return Scenario(**cfg.card_scenario).cost_model(), prof
     return CostModel.from_profile(prof, load_server(), Workload(cfg.steps_per_round)), prof
 
 
-def decide_cut(cfg: RunConfig, model, n: int, m: int, flops_per_s: float, memory_bytes: float, rate_bps: float) -> int:
-    """Cut layer of device m in round n: the schedule, or CARD from the reported profile and the channel rate.
-
-    ``model`` is :func:`cost_model`'s CostModel. Infeasible (no cut fits in memory): 0 (server-only)."""
+def decide_cut(cfg: RunConfig, model, n: int, m: int, flops_per_s: float, memory_bytes: float, rate_bps: float,
+               num_units: int) -> int:
+    """Cut layer (0..``num_units``) of device m in round n: the schedule, or CARD from the reported profile and
+    the channel rate. ``model`` is :func:`cost_model`'s CostModel. Infeasible (no cut fits): 0 (server-only)."""
     if isinstance(cfg.cut, (list, tuple)):
         return int(cfg.cut[n][m])
     if not isinstance(cfg.cut, str):
         return int(cfg.cut)
     from .card import card
 
-    d = card(model, [flops_per_s], [rate_bps], [rate_bps], [memory_bytes], cfg.w, discrete=True)
-    return max(int(d.cut_layer[0]), 0)
+    w = cfg.w if cfg.card_scenario is None else cfg.card_scenario.get("w", 0.1)
+    d = card(model, [flops_per_s], [rate_bps], [rate_bps], [memory_bytes], w, discrete=True)
+    return round(max(int(d.cut_layer[0]), 0) * num_units / model.n_cuts)
 
 
 def device_profile(cfg: RunConfig, m: int) -> tuple[float, float]:
@@ -299,10 +309,13 @@ def device_profile(cfg: RunConfig, m: int) -> tuple[float, float]:
 
 def planned_cuts(cfg: RunConfig) -> list[list[int]]:
     """Cut of every (round, device) when every device reports its configured profile."""
+    from .split import num_units
+
     base = build_base_model(cfg)
     cm, _ = cost_model(cfg, base.config)
     _, rates = channel_rates(cfg)
-    return [[decide_cut(cfg, cm, n, m, *device_profile(cfg, m), rates[n, m]) for m in range(cfg.num_devices)]
+    L = num_units(base, cfg.train.granularity)
+    return [[decide_cut(cfg, cm, n, m, *device_profile(cfg, m), rates[n, m], L) for m in range(cfg.num_devices)]
             for n in range(cfg.rounds)]
 
 
@@ -616,7 +629,7 @@ class Server:
 
         cfg, node, link = self.cfg, self.node, c.link
         state = str(self.states[n, m])
-        cut = decide_cut(cfg, self.cm, n, m, c.profile[0], c.profile[1], float(self.rates[n, m]))
+        cut = decide_cut(cfg, self.cm, n, m, c.profile[0], c.profile[1], float(self.rates[n, m]), self.L)
         check_int_range("cut_layer", cut, 0, self.L)
         rate = float(self.rates[n, m]) * cfg.link.rate_scale
         pace = rate if cfg.link.emulate else 0.0

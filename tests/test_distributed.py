@@ -1,0 +1,372 @@
+"""Split training over torch.distributed (issue 5): the same result as in-process, tensor messages and their
+checks, the rate limiter, a tc-shaped veth link, and faults (device killed, restarted; server restarted).
+
+Multi-process tests start ``python -m splitlora.distributed`` with RANK / WORLD_SIZE on 127.0.0.1 (or in the
+test's own network namespaces), every wait bounded. Tiny Llama (H = 32, 2 blocks), 2-3 processes.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import datetime
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from splitlora import distributed as D
+from splitlora.hardware import CHANNEL_STATES, load_channel
+
+B, S, H = 2, 16, 32
+RUN_TIMEOUT_S = 150
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def base_config(tmp_path: Path, **over) -> dict:
+    cfg = {
+        "model": {"hidden_size": H, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "seed": 0},
+        "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+        "train": {"lr": 1e-2, "seed": 3, "granularity": "sublayer"},
+        "batch_size": B, "seq_len": S, "batches_per_device": 4, "devices": ["Device 3"], "rounds": 2,
+        "steps_per_round": 2, "cut": [[1], [3]],
+        "dist": {"port": free_port(), "timeout_s": 20, "join_timeout_s": 5, "startup_timeout_s": 120,
+                 "idle_timeout_s": 150, "checkpoint_dir": str(tmp_path / "ck"), "output_dir": str(tmp_path / "out")},
+    }
+    for k, v in over.items():
+        cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
+    return cfg
+
+
+def write_config(tmp_path: Path, cfg: dict) -> Path:
+    p = tmp_path / "run.json"
+    p.write_text(json.dumps(cfg))
+    return p
+
+
+class Cluster:
+    """The server and device processes of one run; (re)start a rank, wait with a deadline, show logs on failure."""
+
+    def __init__(self, tmp_path: Path, cfg_path: Path, world: int, prefix=()):
+        self.tmp, self.cfg_path, self.world, self.prefix = tmp_path, cfg_path, world, list(prefix)
+        self.procs: dict[int, subprocess.Popen] = {}
+        self.lives: dict[int, int] = {}
+
+    def start(self, rank: int, kill_at: int | None = None) -> None:
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(self.world), "PYTHONWARNINGS": "ignore"}
+        env.pop("SPLITLORA_TEST_KILL_AT", None)
+        if kill_at is not None:
+            env["SPLITLORA_TEST_KILL_AT"] = str(kill_at)
+        life = self.lives.get(rank, 0)
+        self.lives[rank] = life + 1
+        log = open(self.tmp / f"rank{rank}.{life}.log", "w")
+        self.procs[rank] = subprocess.Popen(
+            [*self.prefix, sys.executable, "-m", "splitlora.distributed", "--config", str(self.cfg_path)],
+            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=Path(D.__file__).resolve().parents[1])
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.tmp.glob("rank*.log")))
+
+    def wait(self, timeout_s: float = RUN_TIMEOUT_S, on_exit=None) -> dict[int, int]:
+        """Wait for every rank; ``on_exit(rank, code)`` may restart a rank that died. Returns the last exit codes."""
+        deadline = time.monotonic() + timeout_s
+        handled = set()
+        while time.monotonic() < deadline:
+            codes = {r: p.poll() for r, p in self.procs.items()}
+            for r, c in codes.items():
+                if c is not None and (r, self.lives[r]) not in handled:
+                    handled.add((r, self.lives[r]))
+                    if on_exit is not None:
+                        on_exit(r, c)
+            if all(p.poll() is not None for p in self.procs.values()):
+                return {r: p.returncode for r, p in self.procs.items()}
+            time.sleep(0.1)
+        self.kill()
+        pytest.fail(f"run did not finish within {timeout_s} s\n{self.logs()}")
+
+    def kill(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait(5)
+
+
+def results(cfg: dict):
+    out = Path(cfg["dist"]["output_dir"])
+    return (torch.load(out / "adapter.pt", weights_only=True), json.loads((out / "logs.json").read_text()),
+            json.loads((out / "events.json").read_text()))
+
+
+def assert_same_as_in_process(cfg: dict, skip=()):
+    adapter, logs, _ = results(cfg)
+    ref = D.run_in_process(D.config_from_dict(cfg), skip=skip)
+    want = ref.adapter_state()
+    assert set(adapter) == set(want)
+    for k in want:
+        torch.testing.assert_close(adapter[k], want[k], rtol=0, atol=1e-6)
+    assert [(x["round"], x["device"], x["cut_layer"]) for x in logs] == \
+        [(x.round, x.device, x.cut_layer) for x in ref.logs]
+    torch.testing.assert_close(torch.tensor([x["loss"] for x in logs]), torch.tensor([x.loss for x in ref.logs]),
+                               rtol=0, atol=1e-6)
+    return logs, ref
+
+
+# ============================================================================== in-process (threads) tests
+def thread_pair(timeout_s: float = 10.0):
+    """Two Links joined by a gloo pair group built in two threads of this process (HashStore rendezvous)."""
+    import torch.distributed as dist
+
+    store, pgs = dist.HashStore(), [None, None]
+
+    def make(r):
+        pgs[r] = D.pair_group(store, 0, 1, r, "127.0.0.1", timeout_s)
+
+    ts = [threading.Thread(target=make, args=(r,)) for r in (0, 1)]
+    [t.start() for t in ts]
+    [t.join(30) for t in ts]
+    assert all(pgs)
+    return D.Link(pgs[0], 1, timeout_s), D.Link(pgs[1], 0, timeout_s)
+
+
+def test_messages_carry_shape_dtype_and_refuse_surprises():
+    a, b = thread_pair(timeout_s=1.5)
+    with cf.ThreadPoolExecutor(1) as ex:
+        for t in (torch.randn(2, 3, 4), torch.randn(5).to(torch.bfloat16), torch.tensor(7.0),
+                  torch.randint(0, 9, (2, 2), dtype=torch.int64), torch.ones(3, dtype=torch.bool), torch.empty(0, 4)):
+            fut = ex.submit(a.send, t, D.K_HIDDEN)
+            got, _ = b.recv(D.K_HIDDEN, t.dtype, tuple(t.shape))
+            assert fut.result(10) == t.numel() * t.element_size()
+            assert got.dtype == t.dtype and torch.equal(got, t)
+        fut = ex.submit(a.send, torch.zeros(2, 2), D.K_HIDDEN)
+        with pytest.raises(D.ProtocolError, match="dtype"):
+            b.recv(D.K_HIDDEN, torch.float16)
+        with pytest.raises(RuntimeError):  # the payload is never received: the sender times out
+            fut.result(30)
+
+
+def _tiny_node():
+    from peft import get_peft_model
+
+    cfg = D.config_from_dict(base_config(Path("/nonexistent")))
+    model = get_peft_model(D.build_base_model(cfg), D.lora_config(cfg))
+    return D._Node(model, cfg.train)
+
+
+def test_device_cannot_write_server_side_adapter():
+    from splitlora.split import split_model
+
+    node = _tiny_node()
+    node.set_owned(list(node.params))
+    d_part, s_part = split_model(node.model, 1, "sublayer")
+    d_own, s_own = D._trainable_names(node, d_part), D._trainable_names(node, s_part)
+    expected = {k: node.params[k] for k in d_own}
+    # a well-formed hand-over (values + AdamW state) is accepted
+    a, b = thread_pair(timeout_s=1.5)
+    pay = node.export(d_own)
+    pay["opt"] = {k: {"exp_avg": torch.ones_like(v), "exp_avg_sq": torch.ones_like(v), "step": torch.tensor(2.0)}
+                  for k, v in pay["params"].items()}
+    with cf.ThreadPoolExecutor(1) as ex:
+        fut = ex.submit(D.send_adapter, a, pay)
+        got, nbytes = D.recv_adapter(b, expected)
+        assert fut.result(10) == nbytes + 8
+    assert all(torch.equal(got["params"][k], pay["params"][k]) for k in d_own) and set(got["opt"]) == set(d_own)
+    # a device sending a server-side name (or a wrong shape) is refused before its payload is read
+    for bad in ({"params": {**node.export(d_own)["params"], s_own[0]: node.params[s_own[0]].detach()}, "opt": {}},
+                {"params": {k: torch.zeros(3) for k in d_own}, "opt": {}}):
+        a, b = thread_pair(timeout_s=1.5)
+        with cf.ThreadPoolExecutor(1) as ex:
+            fut = ex.submit(D.send_adapter, a, bad)
+            with pytest.raises(D.ProtocolError, match="refused|shape|at most"):
+                D.recv_adapter(b, expected)
+            with pytest.raises(RuntimeError):
+                fut.result(30)
+
+
+@pytest.mark.parametrize("state", CHANNEL_STATES)
+def test_rate_limiter_holds_channel_rate(state):
+    """8 KiB at the state's rate x 2e-3 (0.2-0.8 s): receiver-measured time within 10% of bits / rate."""
+    rate = load_channel().rate_bps(state) * 2e-3
+    a, b = thread_pair()
+    t = torch.randn(2, 16, 64)  # 8192 bytes
+    with cf.ThreadPoolExecutor(1) as ex:
+        fut = ex.submit(a.send, t, D.K_HIDDEN, rate)
+        got, seconds = b.recv(D.K_HIDDEN, torch.float32, t.shape)
+        fut.result(10)
+    predicted = 8 * 8192 / rate
+    assert torch.equal(got, t)
+    assert abs(seconds / predicted - 1) < 0.10, (state, seconds, predicted)
+
+
+def test_config_validation_and_fingerprint(tmp_path):
+    cfg = D.config_from_dict(base_config(tmp_path))
+    other = D.config_from_dict(base_config(tmp_path, dist={"port": 1234}))
+    assert cfg.fingerprint() == other.fingerprint()  # where it runs is not what it computes
+    assert cfg.fingerprint() != D.config_from_dict(base_config(tmp_path, train={"lr": 0.5})).fingerprint()
+    with pytest.raises(ValueError, match="keys"):
+        D.config_from_dict({"nonsense": 1})
+    with pytest.raises(ValueError, match="cut"):
+        D.config_from_dict(base_config(tmp_path, cut=[[1]]))
+    with pytest.raises(ValueError, match="WORLD_SIZE"):
+        D.run_role(cfg, 0, 3)
+    # CARD standing in the paper's scenario: the strong device trains alone, the weak one offloads everything
+    card_cfg = D.config_from_dict(base_config(tmp_path, devices=["Device 1", "Device 3"], cut="card",
+                                              card_scenario={"granularity": "sublayer"}))
+    assert D.planned_cuts(card_cfg) == [[4, 0], [4, 0]]
+
+
+# ============================================================================== multi-process tests
+def test_two_processes_equal_in_process_with_card(tmp_path):
+    """Server + 1 device, CARD picks the cut each round from the device's reported profile: same losses and
+    adapters as SplitTrainer; bytes of the smashed data = B s H x 4 (fp32 wire)."""
+    cfg = base_config(tmp_path, cut="card", card_scenario={"granularity": "sublayer"},
+                      link={"condition": "Markov", "seed": 1})
+    cl = Cluster(tmp_path, write_config(tmp_path, cfg), 2)
+    for r in range(2):
+        cl.start(r)
+    codes = cl.wait()
+    assert codes == {0: 0, 1: 0}, cl.logs()
+    logs, _ = assert_same_as_in_process(cfg)
+    assert [x["cut_layer"] for x in logs] == [0] * 4  # Device 3 offloads everything (D.planned_cuts)
+    assert all(x["smashed_bytes"] == B * S * H * 4 == x["model_smashed_bytes"] for x in logs)
+    assert all(x["bytes_up"] == B * S * (H * 4 + 8) and x["bytes_down"] == 0 for x in logs)
+    assert all(x["pred_up_s"] == pytest.approx(8 * B * S * H * 4 / x["rate_up_bps"]) for x in logs)
+    assert (Path(cfg["dist"]["output_dir"]) / "adapter" / "adapter_config.json").exists()
+
+
+def test_three_processes_two_devices_emulated_link(tmp_path):
+    """Server + 2 devices taking turns, cuts changing every turn (incl. device-only), bfloat16 wire, link
+    emulated at each round's Markov channel state: same result as SplitTrainer; bytes = B s H x 2; measured
+    transfer time of the smashed data and its gradient within 10% of bits / rate."""
+    s = 64  # 8 KiB of bf16 smashed data: 80 ms (Good) to 320 ms (Poor) at rate_scale 5e-3
+    cfg = base_config(tmp_path, devices=["Device 3", "Device 5"], rounds=3, cut=[[1, 2], [4, 3], [2, 1]],
+                      train={"wire_dtype": "bfloat16"}, seq_len=s,
+                      link={"condition": "Markov", "seed": 1, "emulate": True, "rate_scale": 5e-3})
+    cl = Cluster(tmp_path, write_config(tmp_path, cfg), 3)
+    for r in range(3):
+        cl.start(r)
+    codes = cl.wait()
+    assert codes == {0: 0, 1: 0, 2: 0}, cl.logs()
+    logs, _ = assert_same_as_in_process(cfg)
+    sent = [x for x in logs if x["cut_layer"] < 4]
+    assert len(sent) == 10 and len({x["channel_state"] for x in logs}) >= 2
+    assert all(x["smashed_bytes"] == B * s * H * 2 == x["model_smashed_bytes"] == x["bytes_down"] for x in sent)
+    for x in sent:
+        assert abs(x["t_up_s"] / x["pred_up_s"] - 1) < 0.10, x
+        assert abs(x["t_down_s"] / x["pred_down_s"] - 1) < 0.10, x
+
+
+NS_IP = ("10.231.77.1", "10.231.77.2")
+
+
+def _netns_available() -> str | None:
+    if sys.platform != "linux" or not (shutil.which("ip") and shutil.which("tc")):
+        return "needs Linux with iproute2 (ip, tc)"
+    name = f"slprobe{os.getpid()}"
+    r = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True, timeout=20)
+    if r.returncode:
+        return f"'ip netns add' is not permitted here: {r.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=20)
+    return None
+
+
+def test_veth_shaped_to_poor_rate(tmp_path):
+    """Server and device in two network namespaces joined by a veth pair shaped with tc tbf to the Poor-channel
+    rate (scaled so 64 KiB of smashed data takes ~1 s): measured transfer time within 15% of bits / rate."""
+    why = _netns_available()
+    if why:
+        pytest.skip(why)
+    tag = str(os.getpid())[-6:]
+    ns, veth = (f"slA{tag}", f"slB{tag}"), (f"vslA{tag}", f"vslB{tag}")
+    Bn, Sn, Hn = 4, 64, 64
+    bits = Bn * Sn * Hn * 4 * 8
+    poor = load_channel().rate_bps("Poor")
+    rate = float(bits)  # ~1 s for the smashed data
+    try:
+        for n in ns:
+            subprocess.run(["ip", "netns", "add", n], check=True, timeout=20)
+        subprocess.run(["ip", "link", "add", veth[0], "type", "veth", "peer", "name", veth[1]], check=True, timeout=20)
+        for n, v, ip in zip(ns, veth, NS_IP):
+            for cmd in (["ip", "link", "set", v, "netns", n],
+                        ["ip", "-n", n, "addr", "add", f"{ip}/24", "dev", v],
+                        ["ip", "-n", n, "link", "set", v, "up"], ["ip", "-n", n, "link", "set", "lo", "up"],
+                        ["ip", "netns", "exec", n, "tc", "qdisc", "add", "dev", v, "root", "tbf", "rate",
+                         f"{int(rate)}bit", "burst", "3000", "limit", "1000000"]):
+                subprocess.run(cmd, check=True, timeout=20, capture_output=True)
+        cfg = base_config(tmp_path, model={"hidden_size": Hn}, batch_size=Bn, seq_len=Sn, rounds=1,
+                          steps_per_round=1, cut=[[1]], link={"condition": "Poor", "rate_scale": rate / poor},
+                          dist={"addr": NS_IP[0], "port": 29517})
+        path = write_config(tmp_path, cfg)
+        procs = []
+        for r in range(2):
+            cl = Cluster(tmp_path, path, 2, prefix=["ip", "netns", "exec", ns[r]])
+            cl.start(r)
+            procs.append(cl)
+        codes = [cl.wait()[r] for r, cl in enumerate(procs)]
+        assert codes == [0, 0], procs[0].logs()
+        logs, _ = assert_same_as_in_process(cfg)
+        x = logs[0]
+        assert x["smashed_bytes"] * 8 == bits and x["pred_up_s"] == pytest.approx(bits / rate)
+        assert abs(x["t_up_s"] / x["pred_up_s"] - 1) < 0.15, x
+        assert abs(x["t_down_s"] / x["pred_down_s"] - 1) < 0.15, x
+    finally:
+        for n in ns:
+            subprocess.run(["ip", "netns", "del", n], capture_output=True, timeout=20)
+
+
+def test_dead_device_is_skipped_and_server_state_kept(tmp_path):
+    """Device 1 is SIGKILLed in the middle of its round-1 turn and never comes back: the server rolls the turn
+    back, waits join_timeout_s, skips it (and at once in later rounds), and finishes with device 0. The result
+    equals SplitTrainer without those turns: no half-applied step, no lost optimiser state."""
+    cfg = base_config(tmp_path, devices=["Device 3", "Device 5"], rounds=3, cut=[[1, 2], [3, 1], [2, 3]],
+                      dist={"join_timeout_s": 2, "retries": 1})
+    cl = Cluster(tmp_path, write_config(tmp_path, cfg), 3)
+    cl.start(0)
+    cl.start(1)
+    cl.start(2, kill_at=7)  # round 1, device 1's turn = steps 6, 7: killed after sending step 7's smashed data
+    codes = cl.wait()
+    assert codes == {0: 0, 1: 0, 2: -signal.SIGKILL}, cl.logs()
+    skip = [(1, 1), (2, 1)]
+    logs, _ = assert_same_as_in_process(cfg, skip=skip)
+    _, _, events = results(cfg)
+    assert [(e["round"], e["device"]) for e in events if e["event"] == "skipped"] == skip
+    assert any(e["event"] == "turn_failed" and e["device"] == 1 for e in events)
+
+
+def test_device_and_server_restarts_resume_identically(tmp_path):
+    """Device 1 is killed mid-turn in round 1 and restarted: it rejoins from its checkpoint (reports its last
+    step) and the server retries the turn. Then the server is killed mid-turn in round 2 and restarted: it
+    resumes from its checkpoint, both devices rejoin. Final adapters and losses equal an uninterrupted run."""
+    cfg = base_config(tmp_path, devices=["Device 3", "Device 5"], rounds=4, cut=[[1, 2], [2, 1], [3, 1], [1, 4]],
+                      dist={"join_timeout_s": 60, "retries": 1})
+    cl = Cluster(tmp_path, write_config(tmp_path, cfg), 3)
+    cl.start(0, kill_at=9)  # round 2, device 0's turn (steps 8, 9)
+    cl.start(1)
+    cl.start(2, kill_at=7)  # round 1, device 1's turn (steps 6, 7)
+    restarted = []
+
+    def on_exit(rank, code):
+        if code == -signal.SIGKILL and rank not in restarted:
+            restarted.append(rank)
+            cl.start(rank)
+
+    codes = cl.wait(on_exit=on_exit)
+    assert restarted == [2, 0] and codes == {0: 0, 1: 0, 2: 0}, cl.logs()
+    logs, _ = assert_same_as_in_process(cfg)
+    assert [x["step"] for x in logs] == list(range(16))
+    _, _, events = results(cfg)
+    kinds = [(e["event"], e.get("device")) for e in events]
+    assert ("turn_failed", 1) in kinds and ("resumed", None) in kinds and not any(k == "skipped" for k, _ in kinds)
+    rejoin = [e for e in events if e["event"] == "joined" and e["device"] == 1 and e["gen"] == 2]
+    assert rejoin and rejoin[0]["device_last_step"] == 3  # its checkpoint after its round-0 turn
