@@ -23,13 +23,18 @@ import time
 import torch
 
 
+USED_FILES = ["splitlora/" + f for f in ("split.py", "training.py", "models.py", "data.py", "measure.py",
+                                         "_validate.py", "paths.py")] + ["benchmarks/split_overhead.py"]
+
+
 def _git_state() -> dict:
+    """The commit and the uncommitted changes (if any) of the files this benchmark runs."""
     from splitlora.paths import REPO_ROOT
 
     def run(*args):
         return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
 
-    return {"commit": run("rev-parse", "HEAD"), "dirty_files": run("status", "--porcelain", "--", "splitlora", "benchmarks/split_overhead.py")}
+    return {"commit": run("rev-parse", "HEAD"), "uncommitted_used_files": run("status", "--porcelain", "--", *USED_FILES)}
 
 
 def main(argv=None) -> dict:
