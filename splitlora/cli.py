@@ -1,0 +1,74 @@
+"""The ``splitlora`` command: ``train-distributed``, ``reproduce``, ``env`` (``splitlora <command> --help``)."""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+
+def _env(args) -> int:
+    """Print versions and which GPU backends are usable (the environment report)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    print(f"python       {platform.python_version()} ({sys.executable})")
+    for pkg in ("torch", "transformers", "peft", "numpy", "splitlora"):
+        try:
+            print(f"{pkg:<12} {version(pkg)}")
+        except PackageNotFoundError:
+            print(f"{pkg:<12} not installed")
+    try:
+        import torch
+
+        cuda = torch.cuda.is_available()
+        print(f"cuda         {'usable: ' + torch.cuda.get_device_name(0) if cuda else 'not usable'}"
+              f" (torch built with CUDA {torch.version.cuda})")
+        import torch.distributed as dist
+
+        print(f"distributed  {'gloo' if dist.is_available() and dist.is_gloo_available() else 'no gloo'}"
+              f"{', nccl' if dist.is_available() and dist.is_nccl_available() else ''}")
+    except Exception as err:  # noqa: BLE001 - a report, not a check
+        print(f"cuda         unknown ({err})")
+    try:
+        from .gpu import get_gpu_backend
+
+        backend = get_gpu_backend("auto")
+        print(f"gpu backend  {type(backend).__name__} (NVML / Jetson usable)")
+    except Exception as err:  # noqa: BLE001
+        print(f"gpu backend  none usable ({type(err).__name__}: {str(err)[:120]})")
+    return 0
+
+
+def _reproduce(args) -> int:
+    from .notebooks import run_notebooks
+
+    run = run_notebooks(smoke=args.smoke, only=args.only)
+    print(f"notebooks found: {len(run.found)}, executed: {len(run.executed)}, failed: {len(run.failed)}")
+    return 0 if not run.failed else 1
+
+
+def _train_distributed(args) -> int:
+    from .distributed import run_from_args
+
+    return run_from_args(args)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="splitlora", description="Energy-efficient split LoRA fine-tuning (arXiv 2412.00090)")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train-distributed", help="run a server or device role (torchrun), or all roles locally")
+    from .distributed import add_arguments
+
+    add_arguments(t)
+    t.set_defaults(func=_train_distributed)
+    r = sub.add_parser("reproduce", help="execute the notebooks (figures)")
+    r.add_argument("--smoke", action="store_true", help="small problem sizes")
+    r.add_argument("--only", nargs="*", help="notebook names (stems) to run")
+    r.set_defaults(func=_reproduce)
+    e = sub.add_parser("env", help="print versions and usable GPU backends")
+    e.set_defaults(func=_env)
+    args = p.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
