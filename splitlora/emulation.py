@@ -341,6 +341,7 @@ def kappa_calibration(server: ServerSpec | None = None, *, n_clocks: int = 8, re
         gpu = get_gpu_backend("auto", allow_clock_control=allow_clock_control)
         if not gpu.clock_control_allowed:
             reason = f"{gpu.name} GPU found but clock control not allowed (read-only)"
+            gpu.close()
         else:
             from .gpu.smoke import matmul_workload
 
