@@ -234,3 +234,24 @@ def test_measure_profile_counts_bytes_per_cut():
     assert df["device_activation_bytes"].is_monotonic_increasing
     assert (df["server_time_s"].iloc[:L] > 0).all() and df["server_time_s"].iloc[L] == 0
     assert df["server_mem_bytes"].iloc[L] == 0 and (df["device_mem_bytes"] > df["device_param_bytes"]).all()
+
+
+def test_offline_default_end_to_end_and_checkpoint_loading(tmp_path):
+    """The package's own model + tokenizer + data train split; a saved checkpoint loads by path."""
+    from splitlora.data import load_gsm8k, tokenize_batches
+    from splitlora.models import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2)
+    assert model.config.model_type == "llama" and model.config.tie_word_embeddings and len(tok) == 259
+    batches = tokenize_batches(load_gsm8k(None, limit=8), tok, batch_size=2, max_length=48)
+    trainer = SplitTrainer(model, lora_config(True, 0.0), SplitTrainConfig(lr=1e-2))
+    logs = trainer.run([batches[:2], batches[2:]], [[1, 2], [0, 1]], rounds=2, steps_per_round=2)
+    assert len(logs) == 8 and all(math.isfinite(x.loss) for x in logs)
+    assert logs[0].bytes_up == 2 * 48 * 32 * 4 + 2 * 48 * 8
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    again, tok2 = load_model_and_tokenizer(str(tmp_path / "m"), attn_implementation="eager")
+    ids = batches[0]["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+    assert tok2("Question: 1+1")["input_ids"] == tok("Question: 1+1")["input_ids"]
