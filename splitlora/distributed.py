@@ -628,6 +628,7 @@ class Server:
         from .split import split_model
 
         cfg, node, link = self.cfg, self.node, c.link
+        t_turn = time.perf_counter()
         state = str(self.states[n, m])
         cut = decide_cut(cfg, self.cm, n, m, c.profile[0], c.profile[1], float(self.rates[n, m]), self.L)
         check_int_range("cut_layer", cut, 0, self.L)
@@ -683,6 +684,7 @@ class Server:
         logs[-1].handover_bytes += back
         self.logs += logs
         self.global_step += I
+        self.event("turn_done", round=n, device=m, cut=cut, steps=I, seconds=time.perf_counter() - t_turn)
 
     def _run_turn(self, n: int, m: int) -> bool:
         for attempt in range(1 + self.d.retries):

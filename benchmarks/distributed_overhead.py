@@ -1,0 +1,158 @@
+"""Overhead of split training over torch.distributed, and accuracy of the emulated link (issue 5, "Performance").
+
+1. Overhead: one device and the server as two processes on this host (gloo over 127.0.0.1, link emulation off)
+   against the in-process ``SplitTrainer`` on the same configuration: time per mini-batch, distributed /
+   in-process. The distributed time is each turn's wall clock on the server (cut and adapter sent, the steps,
+   adapter and timings returned) over its steps; the in-process time is the same steps with ``SplitTrainer.step``.
+   The first round is warm-up in both. Target: ratio <= 1.15.
+2. Emulated link: the same two processes with the rate limiter on, Markov channel states, rates scaled so that one
+   transfer takes 0.1-0.4 s; per channel state, measured transfer time of the smashed data (server clock) and of
+   its gradient (device clock) over the predicted bits / rate. Target: within 10%.
+
+Run: ``.venv/bin/python benchmarks/distributed_overhead.py [--smoke]``; writes
+``benchmarks/results/distributed_overhead.json`` (with package versions and the git commit).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+USED_FILES = ["splitlora/distributed.py", "splitlora/training.py", "splitlora/split.py", "splitlora/models.py",
+              "benchmarks/distributed_overhead.py"]
+
+
+def _git_state() -> dict:
+    from splitlora.paths import REPO_ROOT
+
+    def run(*args):
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+
+    return {"commit": run("rev-parse", "HEAD"), "uncommitted_used_files": run("status", "--porcelain", "--", *USED_FILES)}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_distributed(cfg: dict, workdir: Path, timeout_s: float = 900) -> tuple[list, list]:
+    from splitlora.paths import REPO_ROOT
+
+    cfg = {**cfg, "dist": {**cfg.get("dist", {}), "port": _free_port(), "output_dir": str(workdir / "out"),
+                           "timeout_s": 120, "startup_timeout_s": 300}}
+    path = workdir / "run.json"
+    path.write_text(json.dumps(cfg))
+    world = len(cfg["devices"]) + 1
+    procs = [subprocess.Popen([sys.executable, "-m", "splitlora.distributed", "--config", str(path)], cwd=REPO_ROOT,
+                              env={**os.environ, "RANK": str(r), "WORLD_SIZE": str(world), "PYTHONWARNINGS": "ignore"},
+                              stdout=subprocess.DEVNULL, stderr=open(workdir / f"rank{r}.log", "w"))
+             for r in range(world)]
+    deadline = time.monotonic() + timeout_s
+    for p in procs:
+        try:
+            p.wait(max(deadline - time.monotonic(), 1))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise RuntimeError(f"distributed run timed out; logs in {workdir}")
+    if any(p.returncode for p in procs):
+        raise RuntimeError(f"distributed run failed {[p.returncode for p in procs]}; logs in {workdir}")
+    out = workdir / "out"
+    return json.loads((out / "logs.json").read_text()), json.loads((out / "events.json").read_text())
+
+
+def _in_process_step_times(cfg: dict) -> list[float]:
+    from splitlora import distributed as D
+    from splitlora.training import SplitTrainer
+
+    rc = D.config_from_dict(cfg)
+    base = D.build_base_model(rc)
+    trainer = SplitTrainer(base, D.lora_config(rc), rc.train)
+    data, cuts, I = D.device_batches(rc, base.config.vocab_size), D.planned_cuts(rc), rc.steps_per_round
+    per_round = []
+    for n in range(rc.rounds):
+        t0 = time.perf_counter()
+        for i in range(I):
+            trainer.step(data[0][(n * I + i) % len(data[0])], 0, cuts[n][0], n)
+        per_round.append((time.perf_counter() - t0) / I)
+    return per_round
+
+
+def main(argv=None) -> dict:
+    from importlib.metadata import version
+
+    from splitlora.paths import BENCHMARK_RESULTS_DIR
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes (CI check of the script)")
+    ap.add_argument("--out", default=str(BENCHMARK_RESULTS_DIR / "distributed_overhead.json"))
+    a = ap.parse_args(argv)
+
+    size = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2) if a.smoke else \
+        dict(hidden_size=256, num_layers=8, num_heads=8, num_kv_heads=4)
+    B, s, rounds, I = (2, 32, 2, 2) if a.smoke else (4, 128, 4, 10)
+    base = {"model": {**size, "seed": 0},
+            "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+            "train": {"lr": 1e-3, "seed": 0, "granularity": "block"}, "batch_size": B, "seq_len": s,
+            "batches_per_device": I, "devices": ["Device 3"], "rounds": rounds, "steps_per_round": I,
+            "cut": size["num_layers"] // 2}
+    result = {"benchmark": "distributed_overhead", "smoke": a.smoke, "config": base, "threads": torch.get_num_threads(),
+              "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+              "versions": {p: version(p) for p in ("torch", "transformers", "peft")}, **_git_state()}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        logs, events = _run_distributed(base, Path(tmp))
+        turns = [e for e in events if e["event"] == "turn_done"]
+        dist_per_step = [e["seconds"] / e["steps"] for e in turns]
+        proc_per_step = _in_process_step_times(base)
+        d, p = statistics.mean(dist_per_step[1:]), statistics.mean(proc_per_step[1:])
+        result["overhead"] = {"distributed_s_per_minibatch": d, "in_process_s_per_minibatch": p, "ratio": d / p,
+                              "target": 1.15, "per_round_distributed_s": dist_per_step,
+                              "per_round_in_process_s": proc_per_step,
+                              "smashed_bytes_per_step": logs[0]["smashed_bytes"],
+                              "handover_bytes_per_turn": sum(x["handover_bytes"] for x in logs[:I])}
+        print(f"overhead: {d * 1e3:.1f} ms / {p * 1e3:.1f} ms per mini-batch = {d / p:.3f} (target <= 1.15)")
+
+    # emulated link: the smashed data of one step takes 0.1-0.4 s
+    emu = {**base, "model": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "seed": 0},
+           "batch_size": 2, "seq_len": 64, "rounds": 4 if a.smoke else 9, "steps_per_round": 2, "cut": 1,
+           "link": {"condition": "Markov", "seed": 1, "emulate": True, "rate_scale": 1.5e-2}}
+    with tempfile.TemporaryDirectory() as tmp:
+        logs, _ = _run_distributed(emu, Path(tmp))
+    acc = {}
+    for st in ("Good", "Normal", "Poor"):
+        rows = [x for x in logs if x["channel_state"] == st]
+        if not rows:
+            continue
+        up = [x["t_up_s"] / x["pred_up_s"] for x in rows]
+        down = [x["t_down_s"] / x["pred_down_s"] for x in rows]
+        acc[st] = {"steps": len(rows), "rate_bps": rows[0]["rate_up_bps"], "bits": 8 * rows[0]["smashed_bytes"],
+                   "predicted_s": rows[0]["pred_up_s"], "up_ratio_mean": statistics.mean(up),
+                   "up_ratio_max_dev": max(abs(r - 1) for r in up), "down_ratio_mean": statistics.mean(down),
+                   "down_ratio_max_dev": max(abs(r - 1) for r in down)}
+        print(f"{st:>6}: predicted {rows[0]['pred_up_s'] * 1e3:.0f} ms, measured/predicted up "
+              f"{statistics.mean(up):.3f} (max dev {acc[st]['up_ratio_max_dev']:.3f}), down "
+              f"{statistics.mean(down):.3f} (max dev {acc[st]['down_ratio_max_dev']:.3f})")
+    result["emulated_link"] = {"config": emu, "per_state": acc, "target_max_dev": 0.10}
+    out = Path(a.out)
+    if not a.smoke:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+        print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
