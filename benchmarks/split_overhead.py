@@ -34,7 +34,8 @@ def _git_state() -> dict:
     def run(*args):
         return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
 
-    return {"commit": run("rev-parse", "HEAD"), "uncommitted_used_files": run("status", "--porcelain", "--", *USED_FILES)}
+    return {"commit": run("rev-parse", "HEAD"),
+            "uncommitted_used_files": run("status", "--porcelain", "--", *USED_FILES)}
 
 
 def main(argv=None) -> dict:
@@ -62,7 +63,8 @@ def main(argv=None) -> dict:
     model = model_from_config(cfg, seed=0)
     batches = tokenize_batches(load_gsm8k(None, limit=batch_size * (steps + warmup)), byte_tokenizer(),
                                batch_size, seq_len)
-    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     L = cfg.num_hidden_layers
     cuts = sorted({0, L // 4, L // 2, 3 * L // 4, L})
     tcfg = SplitTrainConfig(lr=1e-4, seed=0)
@@ -95,21 +97,27 @@ def main(argv=None) -> dict:
             r2 = second()
             t2, c2 = time.perf_counter(), time.process_time()
             if i % 2 == 0:
-                (loss_ref, log), (dt_ref, dt_split), (cp_ref, cp_split) = (r1, r2), (t1 - t0, t2 - t1), (c1 - c0, c2 - c1)
+                loss_ref, log = r1, r2
+                dt_ref, dt_split, cp_ref, cp_split = t1 - t0, t2 - t1, c1 - c0, c2 - c1
             else:
-                (loss_ref, log), (dt_ref, dt_split), (cp_ref, cp_split) = (r2, r1), (t2 - t1, t1 - t0), (c2 - c1, c1 - c0)
+                loss_ref, log = r2, r1
+                dt_ref, dt_split, cp_ref, cp_split = t2 - t1, t1 - t0, c2 - c1, c1 - c0
             if i >= warmup:
-                t_ref.append(dt_ref), t_split.append(dt_split), cpu_ref.append(cp_ref), cpu_split.append(cp_split)
+                t_ref.append(dt_ref), t_split.append(dt_split)
+                cpu_ref.append(cp_ref), cpu_split.append(cp_split)
             losses_ref.append(loss_ref), losses_split.append(log.loss)
         med_ref, med_split = statistics.median(t_ref), statistics.median(t_split)
         paired = statistics.median(s / r for s, r in zip(t_split, t_ref))
         cpu_paired = statistics.median(s / r for s, r in zip(cpu_split, cpu_ref))
         rows.append(dict(cut_layer=cut, ratio=cpu_paired, unsplit_cpu_step_s=statistics.median(cpu_ref),
                          split_cpu_step_s=statistics.median(cpu_split), unsplit_step_s=med_ref, split_step_s=med_split,
-                         wall_ratio=paired, ratio_of_medians=med_split / med_ref, unsplit_min_step_s=min(t_ref), split_min_step_s=min(t_split),
-                         ratio_of_minima=min(t_split) / min(t_ref), max_loss_diff=max(abs(x - y) for x, y in zip(losses_ref, losses_split)),
+                         wall_ratio=paired, ratio_of_medians=med_split / med_ref,
+                         unsplit_min_step_s=min(t_ref), split_min_step_s=min(t_split),
+                         ratio_of_minima=min(t_split) / min(t_ref),
+                         max_loss_diff=max(abs(x - y) for x, y in zip(losses_ref, losses_split)),
                          smashed_bytes=log.smashed_bytes))
-        print(f"cut {cut}: unsplit {med_ref * 1e3:.1f} ms, split {med_split * 1e3:.1f} ms, CPU-time ratio {rows[-1]['ratio']:.3f}, "
+        print(f"cut {cut}: unsplit {med_ref * 1e3:.1f} ms, split {med_split * 1e3:.1f} ms, "
+              f"CPU-time ratio {rows[-1]['ratio']:.3f}, "
               f"wall ratio {rows[-1]['wall_ratio']:.3f}")
 
     mem = measure_split_profile(model=copy.deepcopy(model), cuts=cuts, batch_size=batch_size, seq_len=seq_len,

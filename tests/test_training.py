@@ -255,3 +255,25 @@ def test_offline_default_end_to_end_and_checkpoint_loading(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
     assert tok2("Question: 1+1")["input_ids"] == tok("Question: 1+1")["input_ids"]
+
+
+def test_equivalence_check_catches_a_lost_optimiser_state(monkeypatch):
+    """The proof can fail: a hand-over that forgets AdamW's moments no longer matches peft training."""
+    from splitlora import training
+
+    real_export = training._Node.export
+
+    def export_without_opt(self, names):
+        payload = real_export(self, names)
+        payload["opt"] = {}
+        return payload
+
+    model, lora = tiny_model(), lora_config(True, 0.0)
+    cfg = SplitTrainConfig(lr=1e-2)
+    data = [make_batches(3, 1), make_batches(3, 2)]
+    monkeypatch.setattr(training._Node, "export", export_without_opt)
+    trainer = SplitTrainer(model, lora, cfg)
+    trainer.run(data, [[2, 2]] * 3, rounds=3)
+    ref, _ = reference_training(model, lora, [data[m][n] for n in range(3) for m in range(2)], cfg)
+    with pytest.raises(AssertionError):
+        assert_same_adapters(trainer, ref)
