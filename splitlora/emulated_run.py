@@ -140,7 +140,7 @@ def emulated_training(policies=DEFAULT_POLICIES, *, devices=DEFAULT_DEVICES, rou
     profile = profile_model(model.config, batch_size=batch_size, seq_len=seq_len, granularity=granularity,
                             lora_rank=lora_rank, lora_targets=LORA_TARGETS, param_bytes=4, wire_bytes=4,
                             activation_bytes=4, name="trained model")
-    cost = CostModel.from_profile(profile, server, Workload(steps_per_round, adapter_bytes_per_param=4.0))
+    cost = CostModel.from_profile(profile, server, Workload(steps_per_round))
     specs = [known[d].scaled(compute_scale) for d in devices]
     P = np.array([s.flops_per_s for s in specs])
     Mem = np.array([s.training_memory_bytes for s in specs])

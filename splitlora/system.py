@@ -4,7 +4,7 @@ Per mini-batch, for cut layer c (device runs units 1..c), device compute P_d (FL
 R_up / R_down (bit/s) and server GPU clock f (Hz):
 
     T_d(c)    = F_d(c) / P_d                                   device compute (s)
-    T_l(c)    = 8 S(c) / R_up + 8 G(c) / R_down                 smashed data up, its gradient down (s)
+    T_l(c)    = 8 (S(c) + B s b_y) / R_up + 8 G(c) / R_down      smashed data and labels up, gradient down (s)
     T_s(c, f) = C_s(c) / f,   C_s(c) = F_s(c) / (eta_s g_s)     server compute (s), server cycles
     E_s(c, f) = kappa C_s(c) f^2 + P0 C_s(c) / f                server energy (J)
 
@@ -32,15 +32,20 @@ class Workload:
 
     Attributes:
         iterations_per_round: I, mini-batches each device trains per round (-).
-        adapter_bytes_per_param: b_A, bytes per LoRA parameter handed over (fp32: 4) (byte).
+        adapter_bytes_per_param: b_A, bytes per LoRA parameter handed over: its fp32 weight and the two fp32
+            AdamW moments (12), since exact sequential training moves the optimiser state with the adapter (byte).
+        label_bytes_per_token: b_y, bytes per label token sent up with the smashed data when c < L (the loss is
+            on the server; int64 token ids: 8) (byte).
     """
 
     iterations_per_round: int = 10
-    adapter_bytes_per_param: float = 4.0
+    adapter_bytes_per_param: float = 12.0
+    label_bytes_per_token: float = 8.0
 
     def __post_init__(self):
         V.check_int_range("iterations_per_round", self.iterations_per_round, 1, 10**9)
         V.check_positive("adapter_bytes_per_param", self.adapter_bytes_per_param)
+        V.check_positive("label_bytes_per_token", self.label_bytes_per_token, allow_zero=True)
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,7 @@ class CostModel:
     Attributes (arrays of shape (L+1,), index = cut layer c):
         device_flops: F_d(c), device forward + backward FLOPs per mini-batch (FLOP).
         server_cycles: C_s(c), server GPU cycles per mini-batch (cycle); 0 at c = L.
-        smashed_bits: 8 S(c), bits of smashed data sent up per mini-batch (bit); 0 at c = L.
+        smashed_bits: 8 (S(c) + B s b_y), bits of smashed data and labels sent up per mini-batch (bit); 0 at c = L.
         grad_bits: 8 G(c), bits of its gradient sent down per mini-batch (bit); G = S except 0 at c = 0
             (no device-side LoRA, nothing to send back) and c = L.
         handover_bits: 8 A(c) b_A, bits of the device-side LoRA adapter (bit).
@@ -101,7 +106,8 @@ class CostModel:
         return cls(
             device_flops=arrays["device_fwd_flops"] + arrays["device_bwd_flops"],
             server_cycles=server_flops / (server.utilisation * server.flops_per_cycle),
-            smashed_bits=8.0 * arrays["smashed_bytes"],
+            smashed_bits=8.0 * (arrays["smashed_bytes"] + np.where(
+                np.arange(L + 1) < L, profile.batch_size * profile.seq_len * workload.label_bytes_per_token, 0.0)),
             grad_bits=8.0 * grad,
             handover_bits=8.0 * arrays["device_lora_params"] * workload.adapter_bytes_per_param,
             device_memory_bytes=arrays["device_memory_bytes"],

@@ -21,7 +21,8 @@ def synthetic_profile(rng: np.random.Generator, n_cuts: int | None = None) -> Si
     bwd_ratio = rng.uniform(1.0, 2.0)
     smashed = np.r_[np.full(L, rng.uniform(1e5, 1e8)), 0.0]
     mem = rng.uniform(1e8, 1e9) + np.cumsum(np.r_[0.0, rng.uniform(1e7, 5e8, size=L)])
-    return SimpleNamespace(n_cuts=L, device_fwd_flops=dev, device_bwd_flops=bwd_ratio * dev,
+    return SimpleNamespace(n_cuts=L, batch_size=int(rng.integers(1, 9)), seq_len=int(rng.integers(16, 1025)),
+                           device_fwd_flops=dev, device_bwd_flops=bwd_ratio * dev,
                            server_fwd_flops=total - dev, server_bwd_flops=bwd_ratio * (total - dev),  # exactly 0 at c = L
                            smashed_bytes=smashed, device_memory_bytes=mem,
                            device_lora_params=np.arange(L + 1) * rng.uniform(1e4, 1e6))

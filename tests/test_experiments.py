@@ -40,8 +40,9 @@ def _round(p, c, f, P, R, I=10):
     """(T, E) of one device-round by the formulas of docs/model.md, scalar arithmetic."""
     Fd = p.device_fwd_flops[c] + p.device_bwd_flops[c]
     Cs = (p.server_fwd_flops[c] + p.server_bwd_flops[c]) / ETA_G
-    T = I * (Fd / P + 8 * p.smashed_bytes[c] / R + 8 * p.grad_bytes[c] / R + (Cs / f if Cs else 0.0))
-    T += 2 * 8 * p.device_lora_params[c] * 4 / R
+    labels = p.batch_size * p.seq_len * 8 if c < p.n_cuts else 0  # int64 labels go up with the smashed data
+    T = I * (Fd / P + 8 * (p.smashed_bytes[c] + labels) / R + 8 * p.grad_bytes[c] / R + (Cs / f if Cs else 0.0))
+    T += 2 * 8 * p.device_lora_params[c] * 12 / R  # adapter weights + two AdamW moments, fp32
     return T, I * KAPPA * Cs * f ** 2
 
 
