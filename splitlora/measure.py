@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from ._validate import check_choice, check_int_range
+from ._validate import check_choice, check_int_range, check_positive
 from .split import GRANULARITIES, WIRE_DTYPES, num_units, split_model, tensor_bytes, wire_dtype_of
 
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -95,7 +95,7 @@ def measure_cut(model, cut_layer: int, input_ids: torch.Tensor, labels: torch.Te
                 t["df"].append(t1 - t0), t["db"].append(t2 - t1)
             act_d = cd.nbytes
         else:
-            x = out.detach().to(wire).to(out.dtype).requires_grad_(True)
+            x = out.detach().to(wire).to(out.dtype).requires_grad_(out.requires_grad)
             smashed = out.numel() * torch.empty((), dtype=wire).element_size()
             t2 = time.perf_counter()
             with _SavedTensorCounter(param_ptrs) as cs:
@@ -169,3 +169,120 @@ def measure_split_profile(config=None, *, cuts=None, granularity: str = "block",
     rows = [measure_cut(model, c, ids, ids.clone(), granularity=granularity, wire_dtype=wire_dtype,
                         repeats=repeats, warmup=warmup) for c in tqdm(cuts, disable=not progress, desc="cuts")]
     return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------------------------- prediction
+def host_matmul_flops_per_s(n: int = 1024, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """Sustained FLOP/s of this host on an ``n x n`` matmul (2 n^3 FLOP), median of ``repeats`` runs after
+    one warm-up, with torch's current thread count. An alternative, model-free calibration of
+    :func:`predicted_vs_measured` (it ignores everything but matmuls, so it over-predicts speed)."""
+    check_int_range("n", n, 1, 10**5)
+    check_int_range("repeats", repeats, 1, 10**4)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        ts.append(time.perf_counter() - t0)
+    return 2.0 * n ** 3 / _median(ts)
+
+
+def predicted_vs_measured(measured, profile, *, host_flops_per_s: float | None = None):
+    """The delay model's compute times against the measured ones, per cut layer, as a pandas DataFrame.
+
+    Args:
+        measured: the table of :func:`measure_split_profile` (one row per cut, one architecture, B, s).
+        profile: :func:`splitlora.profile.profile_model` of the same architecture, granularity, B, s, LoRA
+            rank and targets, with ``param_bytes = activation_bytes`` = bytes of the measured model's dtype
+            and ``wire_bytes`` = bytes of the measured wire dtype (see :func:`measure_and_predict`).
+        host_flops_per_s: the host's sustained compute P (FLOP/s). Default: calibrated once from the unsplit
+            step, P = F_d(L) / measured device time at c = L (the whole model on the device), so the row c = L
+            measures nothing but the calibration (its total error is 0 by construction).
+
+    Method (docs/split-training.md, "Measured profile"): on this host the device and the server are the
+    same processor, so one P stands for both P_d and eta_s g_s f of the delay model. Per mini-batch the
+    model predicts T_d(c) = F_d(c) / P and T_s(c) = F_s(c) / P (forward + backward FLOPs of the profile);
+    the link term is not measured here (there is no link). Errors are (predicted - measured) / measured:
+    ``device_time_rel_err``, ``server_time_rel_err`` (NaN where the measured time is 0, i.e. the idle
+    server at c = L), ``total_time_rel_err`` on T_d + T_s. Device time at c = 0 is the embedding lookup,
+    which the profile counts as 0 FLOP, so its error is -1 there. Memory: the measured device memory
+    *without* the cut tensors (``device_mem_bytes`` minus the smashed tensor and its gradient, which
+    the profile does not count) against ``profile.device_memory_bytes`` (frozen weights + 16 B per LoRA
+    parameter + saved activations). Smashed bytes: measured against ``profile.smashed_bytes`` (must be equal).
+
+    Returns one row per measured cut: cut_layer, measured and predicted device/server/total times (s), their
+    relative errors, device FLOPs and server FLOPs (FLOP), host_flops_per_s, device memory measured and
+    predicted (byte) and its relative error, smashed bytes measured and predicted (byte).
+    Raises ValueError when the table and the profile disagree on L, granularity, B or s, or when the
+    calibration row c = L is missing and no ``host_flops_per_s`` is given.
+    """
+    import numpy as np
+    import pandas as pd
+
+    df = measured.sort_values("cut_layer").reset_index(drop=True)
+    L = int(profile.n_cuts)
+    for col, want in (("num_units", L), ("granularity", profile.granularity), ("batch_size", profile.batch_size),
+                      ("seq_len", profile.seq_len)):
+        got = set(df[col])
+        if got != {want}:
+            raise ValueError(f"measured {col}={sorted(got)!r} is invalid: must be {want!r} as in the profile")
+    c = df["cut_layer"].to_numpy()
+    f_dev = (profile.device_fwd_flops + profile.device_bwd_flops)[c]
+    f_srv = (profile.server_fwd_flops + profile.server_bwd_flops)[c]
+    if host_flops_per_s is None:
+        if L not in set(c):
+            raise ValueError(f"cuts={sorted(set(c))!r} is invalid: must include c = L = {L} (the unsplit step "
+                             "calibrates the host FLOP/s) unless host_flops_per_s is given")
+        host_flops_per_s = float(f_dev[c == L][0] / df.loc[c == L, "device_time_s"].iloc[0])
+        calibration = "unsplit step (c = L)"
+    else:
+        check_positive("host_flops_per_s", host_flops_per_s)
+        calibration = "given"
+    P = float(host_flops_per_s)
+
+    def rel(pred, meas):
+        meas = np.asarray(meas, dtype=float)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(meas > 0, (np.asarray(pred, dtype=float) - meas) / meas, np.nan)
+
+    mem_meas = df["device_mem_bytes"].to_numpy() - np.where(c < L, 2 * df["smashed_bytes"].to_numpy(), 0)
+    mem_pred = np.asarray(profile.device_memory_bytes, dtype=float)[c]
+    out = pd.DataFrame({
+        "cut_layer": c, "granularity": profile.granularity, "batch_size": profile.batch_size,
+        "seq_len": profile.seq_len,
+        "device_time_s": df["device_time_s"], "device_time_pred_s": f_dev / P,
+        "server_time_s": df["server_time_s"], "server_time_pred_s": f_srv / P,
+        "total_time_s": df["device_time_s"] + df["server_time_s"], "total_time_pred_s": (f_dev + f_srv) / P,
+        "device_flops": f_dev, "server_flops": f_srv, "host_flops_per_s": P, "calibration": calibration,
+        "device_mem_bytes": mem_meas, "device_mem_pred_bytes": mem_pred,
+        "smashed_bytes": df["smashed_bytes"], "smashed_pred_bytes": np.asarray(profile.smashed_bytes)[c],
+    })
+    out["device_time_rel_err"] = rel(out["device_time_pred_s"], out["device_time_s"])
+    out["server_time_rel_err"] = rel(out["server_time_pred_s"], out["server_time_s"])
+    out["total_time_rel_err"] = rel(out["total_time_pred_s"], out["total_time_s"])
+    out["device_mem_rel_err"] = rel(mem_pred, mem_meas)
+    return out
+
+
+def measure_and_predict(config=None, *, num_layers: int | None = None, granularity: str = "block",
+                        batch_size: int = 1, seq_len: int = 32, lora_r: int = 8, lora_alpha: int = 16,
+                        lora_targets=DEFAULT_LORA_TARGETS, wire_dtype: str = "float32", repeats: int = 3,
+                        warmup: int = 1, seed: int = 0, dtype: torch.dtype = torch.float32,
+                        host_flops_per_s: float | None = None, progress: bool = False):
+    """:func:`measure_split_profile` at every cut, then :func:`predicted_vs_measured` against the profile
+    of the same architecture, B, s, LoRA and dtypes. ``config`` default: the Llama-3.2-1B architecture
+    (random weights), ``num_layers`` blocks of it. Returns the prediction table (one row per cut)."""
+    from .models import llama32_1b_config
+    from .profile import profile_model
+
+    config = config if config is not None else llama32_1b_config(num_layers)
+    measured = measure_split_profile(config, granularity=granularity, batch_size=batch_size, seq_len=seq_len,
+                                     lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=lora_targets,
+                                     wire_dtype=wire_dtype, repeats=repeats, warmup=warmup, seed=seed,
+                                     dtype=dtype, progress=progress)
+    elem = torch.empty((), dtype=dtype).element_size()
+    prof = profile_model(config, batch_size=batch_size, seq_len=seq_len, granularity=granularity,
+                         lora_rank=lora_r, lora_targets=tuple(lora_targets), param_bytes=elem,
+                         activation_bytes=elem, wire_bytes=wire_dtype_of(wire_dtype).itemsize)
+    return predicted_vs_measured(measured, prof, host_flops_per_s=host_flops_per_s)

@@ -264,7 +264,9 @@ class SplitTrainer:
             msg = to_wire(h, self.wire, labels, am)
             up, smashed = msg.nbytes, msg.smashed_bytes
             t1 = time.perf_counter()
-            x = msg.hidden.to(h.dtype).requires_grad_(True)
+            # the gradient of the received hidden state is computed only when it is sent back: with no
+            # trainable device-side parameter (e.g. c = 0) the server skips block c+1's input gradients
+            x = msg.hidden.to(h.dtype).requires_grad_(h.requires_grad)
             logits = srv(x, msg.attention_mask)
             loss = srv.loss(logits, msg.labels)
             loss.backward()

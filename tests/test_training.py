@@ -277,3 +277,26 @@ def test_equivalence_check_catches_a_lost_optimiser_state(monkeypatch):
     ref, _ = reference_training(model, lora, [data[m][n] for n in range(3) for m in range(2)], cfg)
     with pytest.raises(AssertionError):
         assert_same_adapters(trainer, ref)
+
+
+def test_step_flops_equal_the_profile_at_every_cut():
+    """A training step runs exactly the FLOPs the analytic profile counts, at every cut; in particular at
+    c = 0 (no trainable device part) the server computes no gradient of the received hidden state."""
+    from peft import LoraConfig
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from splitlora.profile import profile_model
+
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj")
+    model = tiny_model()
+    prof = profile_model(model.config, batch_size=B, seq_len=S, lora_rank=4, lora_targets=targets)
+    trainer = SplitTrainer(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(targets)))
+    batch = {k: v for k, v in make_batches(1, 0)[0].items() if k != "attention_mask"}
+    for c in range(prof.n_cuts + 1):
+        trainer.step(batch, cut_layer=c)  # moves the adapter to this cut (outside the count)
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            log = trainer.step(batch, cut_layer=c)
+        want = (prof.device_fwd_flops + prof.device_bwd_flops + prof.server_fwd_flops + prof.server_bwd_flops)[c]
+        assert counter.get_total_flops() == want, (c, counter.get_total_flops(), want)
+        assert log.bytes_down == prof.grad_bytes[c] / prof.wire_bytes * 4  # fp32 wire
