@@ -300,3 +300,42 @@ def test_step_flops_equal_the_profile_at_every_cut():
         want = (prof.device_fwd_flops + prof.device_bwd_flops + prof.server_fwd_flops + prof.server_bwd_flops)[c]
         assert counter.get_total_flops() == want, (c, counter.get_total_flops(), want)
         assert log.bytes_down == prof.grad_bytes[c] / prof.wire_bytes * 4  # fp32 wire
+
+
+TINY = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2)
+
+
+def test_compare_split_unsplit_table():
+    from splitlora.training import compare_split_unsplit
+
+    df = compare_split_unsplit(steps=5, num_devices=2, batch_size=2, max_length=32, tiny_kwargs=TINY)
+    assert sorted(df["cut_layer"].unique()) == [0, 1, 2] and len(df) == 15
+    assert list(df.loc[df.cut_layer == 1, "device"]) == [0, 1, 0, 1, 0]
+    assert df["loss_abs_diff"].max() <= 1e-5 and df["adapter_max_abs_diff"].max() <= 1e-5
+    first = df[df.cut_layer == 0]
+    assert first["loss_split"].iloc[-1] < first["loss_split"].iloc[0]  # it trains
+    assert (df.loc[df.cut_layer == 2, "bytes_up"] == 0).all()
+    assert (df.loc[df.cut_layer < 2, "bytes_up"] == 2 * 32 * (32 * 4 + 8)).all()
+
+
+def test_compare_split_unsplit_on_real_gsm8k():
+    from splitlora import paths
+    from splitlora.training import compare_split_unsplit
+
+    path = paths.GSM8K_SHARED_DIR / "train.jsonl"
+    if not path.exists():
+        pytest.skip(f"real GSM8K file not found at {path}")
+    df = compare_split_unsplit(data_path=path, cuts=[1], steps=2, num_devices=2, batch_size=2, max_length=64,
+                               tiny_kwargs=TINY)
+    assert len(df) == 2 and df["loss_abs_diff"].max() <= 1e-5
+
+
+def test_bytes_per_step_equal_the_profile():
+    from splitlora.training import bytes_per_step
+
+    df = bytes_per_step(batch_size=2, max_length=16, granularity="sublayer", tiny_kwargs=TINY)
+    assert len(df) == 3 * 5 and set(df["wire_dtype"]) == {"float32", "bfloat16", "float16"}
+    assert (df["smashed_bytes"] == df["smashed_pred_bytes"]).all() and (df["bytes_down"] == df["grad_pred_bytes"]).all()
+    assert (df["smashed_bytes"] == df["cut_layer"].lt(4) * 2 * 16 * 32 * df["wire_bytes_per_element"]).all()
+    assert (df["label_bytes"] == df["cut_layer"].lt(4) * 2 * 16 * 8).all()
+    assert (df.loc[df.cut_layer == 0, "bytes_down"] == 0).all()
