@@ -922,12 +922,11 @@ def run_from_args(args) -> int:
         codes = launch_local(args.config, args=extra)
         print(f"exit codes (server, devices...): {codes}")
         return max(codes)
-    cfg = _override(load_config(args.config), args)
     rank = args.rank if args.rank is not None else int(os.environ.get("RANK", "-1"))
     world = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", "0"))
     if rank < 0 or world < 1:
         raise SystemExit("no role: give --rank/--world-size, set RANK/WORLD_SIZE (torchrun does), or use --local")
-    return run_role(cfg, rank, world)
+    return run_role(_override(load_config(args.config), args), rank, world)
 
 
 def main(argv=None) -> int:

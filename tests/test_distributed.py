@@ -249,10 +249,10 @@ def test_three_processes_two_devices_emulated_link(tmp_path):
     """Server + 2 devices taking turns, cuts changing every turn (incl. device-only), bfloat16 wire, link
     emulated at each round's Markov channel state: same result as SplitTrainer; bytes = B s H x 2; measured
     transfer time of the smashed data and its gradient within 10% of bits / rate."""
-    s = 64  # 8 KiB of bf16 smashed data: 80 ms (Good) to 320 ms (Poor) at rate_scale 5e-3
-    cfg = base_config(tmp_path, devices=["Device 3", "Device 5"], rounds=3, cut=[[1, 2], [4, 3], [2, 1]],
+    s = 64  # 8 KiB of bf16 smashed data: 160 ms (Good) to 630 ms (Poor) at rate_scale 2.5e-3
+    cfg = base_config(tmp_path, devices=["Device 3", "Device 5"], rounds=2, cut=[[1, 2], [3, 4]],
                       train={"wire_dtype": "bfloat16"}, seq_len=s,
-                      link={"condition": "Markov", "seed": 1, "emulate": True, "rate_scale": 5e-3})
+                      link={"condition": "Markov", "seed": 1, "emulate": True, "rate_scale": 2.5e-3})
     cl = Cluster(tmp_path, write_config(tmp_path, cfg), 3)
     for r in range(3):
         cl.start(r)
@@ -260,7 +260,7 @@ def test_three_processes_two_devices_emulated_link(tmp_path):
     assert codes == {0: 0, 1: 0, 2: 0}, cl.logs()
     logs, _ = assert_same_as_in_process(cfg)
     sent = [x for x in logs if x["cut_layer"] < 4]
-    assert len(sent) == 10 and len({x["channel_state"] for x in logs}) >= 2
+    assert len(sent) == 6 and {x["channel_state"] for x in sent} == set(CHANNEL_STATES)
     assert all(x["smashed_bytes"] == B * s * H * 2 == x["model_smashed_bytes"] == x["bytes_down"] for x in sent)
     for x in sent:
         assert abs(x["t_up_s"] / x["pred_up_s"] - 1) < 0.10, x
@@ -317,12 +317,15 @@ def test_veth_shaped_to_poor_rate(tmp_path):
         assert codes == [0, 0], procs[0].logs()
         logs, _ = assert_same_as_in_process(cfg)
         x = logs[0]
+        print(f"veth+tbf at {rate:.0f} bit/s: up {x['t_up_s']:.3f} s / {x['pred_up_s']:.3f} s, "
+              f"down {x['t_down_s']:.3f} s / {x['pred_down_s']:.3f} s")
         assert x["smashed_bytes"] * 8 == bits and x["pred_up_s"] == pytest.approx(bits / rate)
         assert abs(x["t_up_s"] / x["pred_up_s"] - 1) < 0.15, x
         assert abs(x["t_down_s"] / x["pred_down_s"] - 1) < 0.15, x
     finally:
         for n in ns:
             subprocess.run(["ip", "netns", "del", n], capture_output=True, timeout=20)
+        subprocess.run(["ip", "link", "del", veth[0]], capture_output=True, timeout=20)  # if never moved
 
 
 def test_dead_device_is_skipped_and_server_state_kept(tmp_path):
@@ -370,3 +373,13 @@ def test_device_and_server_restarts_resume_identically(tmp_path):
     assert ("turn_failed", 1) in kinds and ("resumed", None) in kinds and not any(k == "skipped" for k, _ in kinds)
     rejoin = [e for e in events if e["event"] == "joined" and e["device"] == 1 and e["gen"] == 2]
     assert rejoin and rejoin[0]["device_last_step"] == 3  # its checkpoint after its round-0 turn
+
+
+def test_cli_env_and_train_distributed_parser(capsys):
+    from splitlora.cli import main
+
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    assert all(k in out for k in ("python", "torch", "transformers", "peft", "numpy", "cuda", "gpu backend"))
+    with pytest.raises(SystemExit, match="no role"):
+        main(["train-distributed", "--config", str(Path(__file__)), "--rank", "-1"])
