@@ -660,7 +660,7 @@ class Server:
                 _test_kill(step)
                 labels, _ = link.recv(K_LABELS, torch.int64, hid.shape[:2])
                 am = link.recv(K_MASK, None, hid.shape[:2])[0] if cfg.train.send_attention_mask else None
-                x = hid.to(self.dtype).requires_grad_(True)
+                x = hid.to(self.dtype).requires_grad_(bool(d_own))  # as SplitTrainer: no input grad at c = 0
                 t1 = time.perf_counter()
                 logits = s_part(x, am)
                 loss = s_part.loss(logits, labels)
