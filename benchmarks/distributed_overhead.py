@@ -4,7 +4,8 @@
    against the in-process ``SplitTrainer`` on the same configuration: time per mini-batch, distributed /
    in-process. The distributed time is each turn's wall clock on the server (cut and adapter sent, the steps,
    adapter and timings returned) over its steps; the in-process time is the same steps with ``SplitTrainer.step``.
-   The first round is warm-up in both. Target: ratio <= 1.15.
+   The first round is warm-up in both; the ratio compares each side's fastest round (this machine may be
+   shared: other jobs only add time), the ratio of means is recorded too. Target: ratio <= 1.15.
 2. Emulated link: the same two processes with the rate limiter on, Markov channel states, rates scaled so that one
    transfer takes 0.1-0.4 s; per channel state, measured transfer time of the smashed data (server clock) and of
    its gradient (device clock) over the predicted bits / rate. Target: within 10%.
@@ -102,7 +103,7 @@ def main(argv=None) -> dict:
 
     size = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2) if a.smoke else \
         dict(hidden_size=256, num_layers=8, num_heads=8, num_kv_heads=4)
-    B, s, rounds, I = (2, 32, 2, 2) if a.smoke else (4, 128, 4, 10)
+    B, s, rounds, I = (2, 32, 2, 2) if a.smoke else (4, 128, 6, 10)
     base = {"model": {**size, "seed": 0},
             "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
             "train": {"lr": 1e-3, "seed": 0, "granularity": "block"}, "batch_size": B, "seq_len": s,
@@ -120,14 +121,16 @@ def main(argv=None) -> dict:
         turns = [e for e in events if e["event"] == "turn_done"]
         dist_per_step = [e["seconds"] / e["steps"] for e in turns]
         proc_after = _in_process_step_times(base)
-        d = statistics.mean(dist_per_step[1:])
-        p = statistics.mean(proc_before[1:] + proc_after[1:])
+        # headline: the least-disturbed round of each side (other jobs only ever add time); means kept too
+        d, p = min(dist_per_step[1:]), min(proc_before[1:] + proc_after[1:])
+        dm, pm = statistics.mean(dist_per_step[1:]), statistics.mean(proc_before[1:] + proc_after[1:])
         result["overhead"] = {"distributed_s_per_minibatch": d, "in_process_s_per_minibatch": p, "ratio": d / p,
-                              "target": 1.15, "per_round_distributed_s": dist_per_step,
+                              "ratio_of_means": dm / pm, "target": 1.15, "per_round_distributed_s": dist_per_step,
                               "per_round_in_process_s_before": proc_before, "per_round_in_process_s_after": proc_after,
                               "smashed_bytes_per_step": logs[0]["smashed_bytes"],
                               "handover_bytes_per_turn": sum(x["handover_bytes"] for x in logs[:I])}
-        print(f"overhead: {d * 1e3:.1f} ms / {p * 1e3:.1f} ms per mini-batch = {d / p:.3f} (target <= 1.15)")
+        print(f"overhead: {d * 1e3:.1f} ms / {p * 1e3:.1f} ms per mini-batch = {d / p:.3f} (target <= 1.15); "
+              f"ratio of means {dm / pm:.3f}")
 
     # emulated link: the smashed data of one step takes 0.1-0.4 s
     emu = {**base, "model": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "seed": 0},
