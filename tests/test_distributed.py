@@ -227,6 +227,16 @@ def test_config_validation_and_fingerprint(tmp_path):
 
 
 # ============================================================================== multi-process tests
+def _watch_listeners(cl: Cluster, found: set, done: threading.Event) -> None:
+    """Collect the TCP listening addresses of the cluster's processes (``ss -ltnp``) until ``done``."""
+    while not done.is_set() and shutil.which("ss"):
+        pids = {p.pid for p in cl.procs.values()}
+        out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if any(f"pid={pid}," in line for pid in pids):
+                found.add(line.split()[3])
+        time.sleep(0.2)
+
 def test_two_processes_equal_in_process_with_card(tmp_path):
     """Server + 1 device, CARD picks the cut each round from the device's reported profile: same losses and
     adapters as SplitTrainer; bytes of the smashed data = B s H x 4 (fp32 wire)."""
@@ -235,8 +245,15 @@ def test_two_processes_equal_in_process_with_card(tmp_path):
     cl = Cluster(tmp_path, write_config(tmp_path, cfg), 2)
     for r in range(2):
         cl.start(r)
+    listening, done = set(), threading.Event()
+    watcher = threading.Thread(target=_watch_listeners, args=(cl, listening, done), daemon=True)
+    watcher.start()
     codes = cl.wait()
+    done.set()
+    watcher.join(10)
     assert codes == {0: 0, 1: 0}, cl.logs()
+    if shutil.which("ss"):  # the store and both gloo endpoints listen on loopback only
+        assert listening and all(a.startswith("127.0.0.1:") for a in listening), listening
     logs, _ = assert_same_as_in_process(cfg)
     assert [x["cut_layer"] for x in logs] == [0] * 4  # Device 3 offloads everything (D.planned_cuts)
     assert all(x["smashed_bytes"] == B * S * H * 4 == x["model_smashed_bytes"] for x in logs)
