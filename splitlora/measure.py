@@ -2,10 +2,11 @@
 
 For every cut layer c, :func:`measure_split_profile` runs real split training steps (device forward,
 wire cast, server forward + loss, server backward, device backward) on this host and records
-(docs/model.md, "Measured profile"):
+(docs/split-training.md, "Measured profile"):
 
-* ``device_fwd_s``, ``device_bwd_s``, ``server_fwd_s``, ``server_bwd_s``: wall-clock seconds per
-  mini-batch, median over ``repeats`` steps after ``warmup`` steps (optimiser step excluded);
+* ``device_fwd_s``, ``device_bwd_s``, ``server_fwd_s``, ``server_bwd_s``: seconds per mini-batch (wall
+  clock, or CPU time of the process with ``clock="cpu"``), median over ``repeats`` steps after ``warmup``
+  steps (optimiser step excluded);
 * ``smashed_bytes``: B s H x bytes per wire element (0 when c = L);
 * memory of each part (unit: byte), *counted*, not sampled from the allocator:
   ``*_param_bytes`` frozen + LoRA weights held by the part; ``*_lora_bytes`` LoRA weights only;
@@ -30,6 +31,7 @@ from ._validate import check_choice, check_int_range, check_positive
 from .split import GRANULARITIES, WIRE_DTYPES, num_units, split_model, tensor_bytes, wire_dtype_of
 
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 class _SavedTensorCounter:
@@ -67,12 +69,17 @@ def _median(xs: list[float]) -> float:
 
 def measure_cut(model, cut_layer: int, input_ids: torch.Tensor, labels: torch.Tensor, *,
                 granularity: str = "block", wire_dtype: str = "float32", repeats: int = 3,
-                warmup: int = 1) -> dict:
+                warmup: int = 1, clock: str = "wall") -> dict:
     """One row of :func:`measure_split_profile` for a LoRA-wrapped ``model`` at ``cut_layer``.
 
     ``input_ids``/``labels``: (B, s) long. Returns a dict of the columns documented in the module
-    docstring. Raises ValueError for a bad cut, granularity or wire dtype.
+    docstring. ``clock``: ``"wall"`` (``time.perf_counter``) or ``"cpu"`` (``time.process_time``: CPU seconds of
+    this process, which other processes on a shared host do not inflate; meant with one torch thread, since
+    idle worker threads spinning would be counted). Raises ValueError for a bad cut, granularity, wire dtype
+    or clock.
     """
+    check_choice("clock", clock, CLOCKS)
+    now = CLOCKS[clock]
     check_int_range("repeats", repeats, 1, 10**6)
     check_int_range("warmup", warmup, 0, 10**6)
     wire = wire_dtype_of(wire_dtype)
@@ -83,29 +90,29 @@ def measure_cut(model, cut_layer: int, input_ids: torch.Tensor, labels: torch.Te
     act_d = act_s = smashed = 0
     for i in range(warmup + repeats):
         keep = i >= warmup
-        t0 = time.perf_counter()
+        t0 = now()
         with _SavedTensorCounter(param_ptrs) as cd:
             out = dev(input_ids)
             loss_d = dev.loss(out, labels) if dev.is_full else None
-        t1 = time.perf_counter()
+        t1 = now()
         if dev.is_full:
             loss_d.backward()
-            t2 = time.perf_counter()
+            t2 = now()
             if keep:
                 t["df"].append(t1 - t0), t["db"].append(t2 - t1)
             act_d = cd.nbytes
         else:
             x = out.detach().to(wire).to(out.dtype).requires_grad_(out.requires_grad)
             smashed = out.numel() * torch.empty((), dtype=wire).element_size()
-            t2 = time.perf_counter()
+            t2 = now()
             with _SavedTensorCounter(param_ptrs) as cs:
                 loss = srv.loss(srv(x), labels)
-            t3 = time.perf_counter()
+            t3 = now()
             loss.backward()
-            t4 = time.perf_counter()
+            t4 = now()
             if out.requires_grad:
                 out.backward(x.grad.to(wire).to(out.dtype))
-            t5 = time.perf_counter()
+            t5 = now()
             if keep:
                 t["df"].append(t1 - t0), t["sf"].append(t3 - t2), t["sb"].append(t4 - t3), t["db"].append(t5 - t4)
             act_d, act_s = cd.nbytes, cs.nbytes
@@ -132,7 +139,8 @@ def measure_split_profile(config=None, *, cuts=None, granularity: str = "block",
                           seq_len: int = 32, num_layers: int | None = None, lora_r: int = 8,
                           lora_alpha: int = 16, lora_targets=DEFAULT_LORA_TARGETS, wire_dtype: str = "float32",
                           repeats: int = 3, warmup: int = 1, seed: int = 0, dtype: torch.dtype = torch.float32,
-                          model=None, progress: bool = False):
+                          model=None, progress: bool = False, warmup_each_cut: bool = True, clock: str = "wall",
+                          threads: int | None = None):
     """Measured device/server time, memory and smashed bytes per cut layer, as a pandas DataFrame.
 
     Args:
@@ -140,8 +148,12 @@ def measure_split_profile(config=None, *, cuts=None, granularity: str = "block",
         cuts: cut layers to measure (default all 0..L).
         granularity: ``"block"`` or ``"sublayer"``. batch_size, seq_len: the mini-batch (B, s).
         lora_r, lora_alpha, lora_targets: the LoRA adapter (peft ``LoraConfig``, dropout 0).
-        wire_dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``. repeats, warmup: timed / untimed steps.
+        wire_dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``. repeats, warmup: timed / untimed steps
+            per cut; with ``warmup_each_cut=False`` the untimed steps run before the first cut only (the
+            kernels and the allocator are warm after that; saves time on a large model).
         model: an existing ``*ForCausalLM`` (overrides ``config``; it gets LoRA in place).
+        clock: ``"wall"`` or ``"cpu"`` (:func:`measure_cut`); threads: torch intra-op threads during the
+            measurement (restored after; default: leave as is). On a shared host use ``clock="cpu", threads=1``.
     Returns one row per cut (columns: see the module docstring). Runtime grows with L x repeats;
     the full 1B model takes seconds per step on a CPU.
     """
@@ -166,9 +178,20 @@ def measure_split_profile(config=None, *, cuts=None, granularity: str = "block",
     g = torch.Generator().manual_seed(seed)
     vocab = model.get_base_model().config.vocab_size
     ids = torch.randint(0, vocab, (batch_size, seq_len), generator=g)
-    rows = [measure_cut(model, c, ids, ids.clone(), granularity=granularity, wire_dtype=wire_dtype,
-                        repeats=repeats, warmup=warmup) for c in tqdm(cuts, disable=not progress, desc="cuts")]
-    return pd.DataFrame(rows)
+    check_choice("clock", clock, CLOCKS)
+    before = torch.get_num_threads()
+    if threads is not None:
+        check_int_range("threads", threads, 1, 4096)
+        torch.set_num_threads(threads)
+    try:
+        rows = [measure_cut(model, c, ids, ids.clone(), granularity=granularity, wire_dtype=wire_dtype,
+                            repeats=repeats, warmup=warmup if (i == 0 or warmup_each_cut) else 0, clock=clock)
+                for i, c in enumerate(tqdm(cuts, disable=not progress, desc="cuts"))]
+    finally:
+        torch.set_num_threads(before)
+    df = pd.DataFrame(rows)
+    df["clock"], df["threads"] = clock, threads if threads is not None else before
+    return df
 
 
 # ----------------------------------------------------------------------------------------------- prediction
@@ -258,6 +281,9 @@ def predicted_vs_measured(measured, profile, *, host_flops_per_s: float | None =
         "device_mem_bytes": mem_meas, "device_mem_pred_bytes": mem_pred,
         "smashed_bytes": df["smashed_bytes"], "smashed_pred_bytes": np.asarray(profile.smashed_bytes)[c],
     })
+    for col in ("clock", "threads"):
+        if col in df:
+            out[col] = df[col]
     out["device_time_rel_err"] = rel(out["device_time_pred_s"], out["device_time_s"])
     out["server_time_rel_err"] = rel(out["server_time_pred_s"], out["server_time_s"])
     out["total_time_rel_err"] = rel(out["total_time_pred_s"], out["total_time_s"])
@@ -268,7 +294,8 @@ def predicted_vs_measured(measured, profile, *, host_flops_per_s: float | None =
 def measure_and_predict(config=None, *, num_layers: int | None = None, granularity: str = "block",
                         batch_size: int = 1, seq_len: int = 32, lora_r: int = 8, lora_alpha: int = 16,
                         lora_targets=DEFAULT_LORA_TARGETS, wire_dtype: str = "float32", repeats: int = 3,
-                        warmup: int = 1, seed: int = 0, dtype: torch.dtype = torch.float32,
+                        warmup: int = 1, warmup_each_cut: bool = True, clock: str = "wall",
+                        threads: int | None = None, seed: int = 0, dtype: torch.dtype = torch.float32,
                         host_flops_per_s: float | None = None, progress: bool = False):
     """:func:`measure_split_profile` at every cut, then :func:`predicted_vs_measured` against the profile
     of the same architecture, B, s, LoRA and dtypes. ``config`` default: the Llama-3.2-1B architecture
@@ -280,7 +307,8 @@ def measure_and_predict(config=None, *, num_layers: int | None = None, granulari
     measured = measure_split_profile(config, granularity=granularity, batch_size=batch_size, seq_len=seq_len,
                                      lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=lora_targets,
                                      wire_dtype=wire_dtype, repeats=repeats, warmup=warmup, seed=seed,
-                                     dtype=dtype, progress=progress)
+                                     dtype=dtype, progress=progress, warmup_each_cut=warmup_each_cut,
+                                     clock=clock, threads=threads)
     elem = torch.empty((), dtype=dtype).element_size()
     prof = profile_model(config, batch_size=batch_size, seq_len=seq_len, granularity=granularity,
                          lora_rank=lora_r, lora_targets=tuple(lora_targets), param_bytes=elem,

@@ -1,7 +1,7 @@
 """Exact splitting of a Hugging Face decoder-only causal LM into a device part and a server part.
 
 The device part runs the token embedding and units 1..c; the server part runs units c+1..L, the final
-norm, the LM head and the loss (docs/model.md, "Split model"; system-model conventions: c = 0 means the
+norm, the LM head and the loss (docs/split-training.md, "Split model"; system-model conventions: c = 0 means the
 device sends the embedding output, c = L means the device runs everything and nothing is sent).
 
 A *unit* is one decoder block (``granularity="block"``, L = number of blocks) or one half of a block
@@ -309,7 +309,7 @@ def split_model(model: nn.Module, cut_layer: int, granularity: str = "block") ->
 
     Both parts share the model's modules (and its LoRA layers); the server's head of a tied model is
     its own frozen copy. Raises ValueError for an unsupported architecture, a cut outside 0..L, an
-    unknown granularity, or LoRA on a tied embedding/head. Source: docs/model.md, "Split model".
+    unknown granularity, or LoRA on a tied embedding/head. Source: docs/split-training.md, "Split model".
     """
     check_architecture(model)
     check_choice("granularity", granularity, GRANULARITIES)

@@ -1,4 +1,6 @@
-"""Sequential split LoRA fine-tuning: one server, several devices taking turns (docs/model.md, "Split training").
+"""Sequential split LoRA fine-tuning: one server, several devices taking turns.
+
+Reference: docs/split-training.md, "Split training".
 
 One training step (mini-batch) with cut layer c < L:
 
@@ -180,7 +182,7 @@ class SplitTrainer:
         config: :class:`SplitTrainConfig`.
 
     Raises ValueError for an unsupported architecture, LoRA on a tied embedding/head, or
-    ``modules_to_save`` (not supported). Source: docs/model.md, "Split training".
+    ``modules_to_save`` (not supported). Source: docs/split-training.md, "Split training".
     """
 
     def __init__(self, model: nn.Module, lora_config, config: SplitTrainConfig = SplitTrainConfig()):

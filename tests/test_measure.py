@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from splitlora.measure import (host_matmul_flops_per_s, measure_and_predict, measure_split_profile,
                                predicted_vs_measured)
@@ -47,7 +48,11 @@ def test_prediction_table_on_a_tiny_model(config, granularity, wire):
 
 
 def test_given_host_flops_and_mismatched_profile(config):
-    measured = measure_split_profile(config, cuts=[0, 1], batch_size=B, seq_len=S, repeats=1, warmup=0)
+    threads = torch.get_num_threads()
+    measured = measure_split_profile(config, cuts=[0, 1], batch_size=B, seq_len=S, repeats=1, warmup=1,
+                                     warmup_each_cut=False, clock="cpu", threads=1)
+    assert torch.get_num_threads() == threads and (measured["clock"] == "cpu").all() and (measured["threads"] == 1).all()
+    assert (measured["server_time_s"] > 0).all()
     prof = profile_model(config, batch_size=B, seq_len=S, param_bytes=4, activation_bytes=4, wire_bytes=4)
     with pytest.raises(ValueError, match="must include c = L = 3"):
         predicted_vs_measured(measured, prof)
@@ -59,6 +64,8 @@ def test_given_host_flops_and_mismatched_profile(config):
         predicted_vs_measured(measured, other, host_flops_per_s=1e9)
     with pytest.raises(ValueError, match="host_flops_per_s"):
         predicted_vs_measured(measured, prof, host_flops_per_s=0.0)
+    with pytest.raises(ValueError, match="clock='gpu' is invalid"):
+        measure_split_profile(config, cuts=[0], batch_size=B, seq_len=S, clock="gpu")
 
 
 def test_host_matmul_flops():
