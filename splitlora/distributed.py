@@ -62,7 +62,8 @@ MAX_DIMS = 5
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.float64, torch.bool,
           torch.uint8]
 # message keys (names of adapter tensors use crc32 of "<name>/<field>")
-K_CTRL, K_RATES, K_HELLO, K_PROFILE, K_HIDDEN, K_LABELS, K_MASK, K_GRAD, K_LOSS, K_STATS, K_COUNT = range(1, 12)
+K_CTRL, K_RATES, K_HELLO, K_PROFILE, K_HIDDEN, K_LABELS, K_MASK, K_GRAD, K_LOSS, K_STATS, K_COUNT, K_ADAPTER = \
+    range(1, 13)
 TURN, STOP = 1, 2
 ADAM_FIELDS = ("exp_avg", "exp_avg_sq", "step")
 
@@ -428,20 +429,22 @@ def _name_key(name: str) -> int:
 
 
 def send_adapter(link: Link, payload: dict, rate_bps: float = 0.0) -> int:
-    """Send a :meth:`_Node.export` payload (values + AdamW state) as named tensors. Returns payload bytes."""
+    """Send a :meth:`_Node.export` payload (values + AdamW state) as two messages: a manifest (n, 3) int64 of
+    [name key, dtype code, numel] and one uint8 blob of the tensors in that order. Returns the bytes sent."""
     items = [(f"{n}/param", t) for n, t in sorted(payload["params"].items())]
     items += [(f"{n}/{k}", payload["opt"][n][k]) for n in sorted(payload["opt"]) for k in ADAM_FIELDS
               if k in payload["opt"][n]]
-    total = link.send(torch.tensor([len(items)], dtype=torch.int64), K_COUNT)
-    for name, t in items:
-        total += link.send(t, _name_key(name), rate_bps)
-    return total
+    manifest = torch.tensor([[_name_key(n), DTYPES.index(t.dtype), t.numel()] for n, t in items],
+                            dtype=torch.int64).reshape(-1, 3)
+    blob = [t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8) for _, t in items]
+    blob = torch.cat(blob) if blob else torch.empty(0, dtype=torch.uint8)
+    return link.send(manifest, K_COUNT) + link.send(blob, K_ADAPTER, rate_bps)
 
 
 def recv_adapter(link: Link, expected: dict[str, torch.Tensor]) -> tuple[dict, int]:
-    """Receive an adapter payload holding exactly the names of ``expected`` (name -> parameter); anything
-    else (another name, e.g. a server-side one, a wrong shape or dtype, a repeat) raises ProtocolError.
-    Returns (payload, bytes)."""
+    """Receive an adapter payload holding exactly the names of ``expected`` (name -> parameter). The manifest is
+    checked before the blob is read: another name (e.g. a server-side one), a wrong size or dtype, a repeat,
+    a missing parameter or a partial optimiser state raise ProtocolError. Returns (payload, blob bytes)."""
     allowed = {}
     for n, p in expected.items():
         for f_, shp, dt in (("param", p.shape, p.dtype), ("exp_avg", p.shape, p.dtype),
@@ -449,30 +452,45 @@ def recv_adapter(link: Link, expected: dict[str, torch.Tensor]) -> tuple[dict, i
             allowed[_name_key(f"{n}/{f_}")] = (n, f_, tuple(shp), dt)
     if len(allowed) != 4 * len(expected):
         raise RuntimeError("adapter name hash collision")
-    count, _ = link.recv(K_COUNT, torch.int64, (1,))
-    count = int(count[0])
-    if not 0 <= count <= len(allowed):
-        raise ProtocolError(f"adapter of {count} tensors: expected at most {len(allowed)}")
-    params, opt, seen, total = {}, {}, set(), 0
-    for _ in range(count):
-        h, t0 = link.recv_header()
-        key = h[8]
+
+    def check(shp):
+        if len(shp) != 2 or shp[1] != 3 or shp[0] > len(allowed):
+            raise ProtocolError(f"adapter manifest of shape {shp}: expected (at most {len(allowed)}, 3)")
+
+    manifest, _ = link.recv(K_COUNT, torch.int64, check=check)
+    entries, seen, nbytes = [], set(), 0
+    for key, code, numel in manifest.tolist():
         if key not in allowed or key in seen:
             raise ProtocolError(f"adapter tensor with key {key} refused: not a device-side name of this cut "
                                 "(or sent twice)")
         seen.add(key)
         n, f_, shp, dt = allowed[key]
-        t, _ = link.recv_payload(h, t0, key, dt, shp)
-        total += t.numel() * t.element_size()
-        if f_ == "param":
-            params[n] = t.clone()
-        else:
-            opt.setdefault(n, {})[f_] = t.clone()
-    if set(params) != set(expected):
-        raise ProtocolError(f"adapter is missing {sorted(set(expected) - set(params))[:3]}")
-    if any(set(v) != set(ADAM_FIELDS) for v in opt.values()):
+        size = 1
+        for d in shp:
+            size *= d
+        if not 0 <= code < len(DTYPES) or DTYPES[code] != dt or numel != size:
+            raise ProtocolError(f"adapter tensor {n}/{f_}: dtype code {code}, {numel} elements; expected {dt}, "
+                                f"shape {shp}")
+        entries.append((n, f_, shp, dt, nbytes))
+        nbytes += size * torch.empty(0, dtype=dt).element_size()
+    if {n for n, f_, *_ in entries if f_ == "param"} != set(expected):
+        raise ProtocolError(f"adapter is missing {sorted(set(expected) - {e[0] for e in entries})[:3]}")
+    opt_fields: dict[str, set] = {}
+    for n, f_, *_ in entries:
+        if f_ != "param":
+            opt_fields.setdefault(n, set()).add(f_)
+    if any(v != set(ADAM_FIELDS) for v in opt_fields.values()):
         raise ProtocolError("adapter optimiser state is incomplete")
-    return {"params": params, "opt": opt}, total
+    blob, _ = link.recv(K_ADAPTER, torch.uint8, (nbytes,))
+    params, opt = {}, {}
+    for i, (n, f_, shp, dt, off) in enumerate(entries):
+        end = entries[i + 1][4] if i + 1 < len(entries) else nbytes
+        t = blob[off:end].view(dt).reshape(shp).clone()
+        if f_ == "param":
+            params[n] = t
+        else:
+            opt.setdefault(n, {})[f_] = t
+    return {"params": params, "opt": opt}, nbytes
 
 
 def pair_group(store, m: int, gen: int, rank: int, host: str, timeout_s: float):

@@ -180,7 +180,7 @@ def test_device_cannot_write_server_side_adapter():
     with cf.ThreadPoolExecutor(1) as ex:
         fut = ex.submit(D.send_adapter, a, pay)
         got, nbytes = D.recv_adapter(b, expected)
-        assert fut.result(10) == nbytes + 8
+        assert fut.result(10) == nbytes + 3 * 8 * 4 * len(d_own)  # manifest: 3 int64 per tensor
     assert all(torch.equal(got["params"][k], pay["params"][k]) for k in d_own) and set(got["opt"]) == set(d_own)
     # a device sending a server-side name (or a wrong shape) is refused before its payload is read
     for bad in ({"params": {**node.export(d_own)["params"], s_own[0]: node.params[s_own[0]].detach()}, "opt": {}},
@@ -188,7 +188,7 @@ def test_device_cannot_write_server_side_adapter():
         a, b = thread_pair(timeout_s=1.5)
         with cf.ThreadPoolExecutor(1) as ex:
             fut = ex.submit(D.send_adapter, a, bad)
-            with pytest.raises(D.ProtocolError, match="refused|shape|at most"):
+            with pytest.raises(D.ProtocolError, match="refused|shape"):
                 D.recv_adapter(b, expected)
             with pytest.raises(RuntimeError):
                 fut.result(30)
