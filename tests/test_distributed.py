@@ -65,7 +65,8 @@ class Cluster:
         self.lives: dict[int, int] = {}
 
     def start(self, rank: int, kill_at: int | None = None) -> None:
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(self.world), "PYTHONWARNINGS": "ignore"}
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(self.world), "PYTHONWARNINGS": "ignore",
+               "OMP_NUM_THREADS": "1"}  # 2-3 processes on 2 cores: no oversubscribed thread pools
         env.pop("SPLITLORA_TEST_KILL_AT", None)
         if kill_at is not None:
             env["SPLITLORA_TEST_KILL_AT"] = str(kill_at)
