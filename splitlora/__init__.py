@@ -27,11 +27,12 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "split": ("split_model", "num_units", "split_forward", "to_wire", "SUPPORTED_MODEL_TYPES"),
-    "training": ("SplitTrainer", "SplitTrainConfig", "StepLog", "logs_frame"),
+    "training": ("SplitTrainer", "SplitTrainConfig", "StepLog", "logs_frame", "compare_split_unsplit",
+                 "bytes_per_step", "unsplit_training"),
     "models": ("load_model_and_tokenizer", "byte_tokenizer", "tiny_llama_config", "llama32_1b_config",
                "model_from_config"),
     "data": ("load_gsm8k", "synthetic_gsm8k", "tokenize_batches", "read_jsonl"),
-    "measure": ("measure_split_profile",),
+    "measure": ("measure_split_profile", "predicted_vs_measured", "measure_and_predict", "host_matmul_flops_per_s"),
     "gpu": ("get_gpu_backend", "GPUClockBackend", "EmulatedBackend", "GPUBackendError", "GPUNotAvailableError",
             "ClockPermissionError", "ClockControlNotAllowedError", "NotSupportedError", "EnergyMeasurement"),
     "calibration": ("fit_energy_model", "sweep_clocks", "EnergyFit", "ClockSample"),

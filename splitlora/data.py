@@ -1,4 +1,4 @@
-"""GSM8K-format data for split fine-tuning (docs/model.md, "Workload").
+"""GSM8K-format data for split fine-tuning (docs/split-training.md, "Workload").
 
 A record is one JSON object per line with string fields ``"question"`` and ``"answer"`` (the answer ends
 with ``#### <number>``, as in GSM8K). Sources, by :func:`load_gsm8k`:

@@ -7,7 +7,7 @@
 * :func:`load_model_and_tokenizer` returns the offline default (random weights, seeded) or, given
   ``model_name_or_path``, a real checkpoint with its own tokenizer (e.g. a local Llama-3.2-1B folder).
 
-Source: docs/model.md, "Workload". Nothing is built at import time.
+Source: docs/split-training.md, "Workload". Nothing is built at import time.
 """
 from __future__ import annotations
 

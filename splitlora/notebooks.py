@@ -6,8 +6,10 @@ executed and raises if any failed, so a caller can check that the count executed
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +26,19 @@ class NotebookRun:
     executed: list = field(default_factory=list)
     failed: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
+
+
+@contextmanager
+def _env(name: str, value: str):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 def find_notebooks(folder: Path = NOTEBOOKS_DIR, only=None) -> list[Path]:
@@ -47,7 +62,8 @@ def run_notebooks(parameters: dict | None = None, *, only=None, smoke: bool = Fa
 
     Args:
         parameters: extra values for the parameters cells (only names a notebook declares are used by it).
-        only: notebook stems to run (default: all); smoke: pass ``smoke=True``; timeout_s: per cell (s).
+        only: notebook stems to run (default: all); smoke: pass ``smoke=True`` (figures then go to
+            ``<out_dir>/figures`` unless ``$SPLITLORA_FIGURES_DIR`` is set); timeout_s: per cell (s).
     Returns:
         :class:`NotebookRun`.
     Raises:
@@ -57,6 +73,11 @@ def run_notebooks(parameters: dict | None = None, *, only=None, smoke: bool = Fa
 
     out_dir = Path(out_dir or Path(folder) / "executed")
     out_dir.mkdir(parents=True, exist_ok=True)
+    if smoke and "SPLITLORA_FIGURES_DIR" not in os.environ:
+        # smoke figures are not the committed ones: keep them beside the executed notebooks
+        with _env("SPLITLORA_FIGURES_DIR", str(out_dir / "figures")):
+            return run_notebooks(parameters, only=only, smoke=smoke, folder=folder, out_dir=out_dir,
+                                 timeout_s=timeout_s, stop_on_error=stop_on_error)
     run = NotebookRun(found=[p.stem for p in find_notebooks(folder)])
     for nb in find_notebooks(folder, only):
         params = dict(parameters or {})

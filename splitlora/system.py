@@ -28,7 +28,7 @@ from .hardware import ServerSpec
 
 @dataclass(frozen=True)
 class Workload:
-    """What one device does in one round (docs/model.md "Workload").
+    """What one device does in one round (docs/model.md "Workload and defaults").
 
     Attributes:
         iterations_per_round: I, mini-batches each device trains per round (-).
