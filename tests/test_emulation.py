@@ -169,21 +169,16 @@ def test_emulated_run_measured_matches_predicted_where_it_should(e2e):
     np.testing.assert_allclose(df.device_time_s, df.device_time_pred_s, rtol=1e-9, atol=1e-15)
     active = df.cut_layer < L
     np.testing.assert_allclose(df.applied_clock_hz[active], df.frequency_hz[active], rtol=1e-9)
-    mid = active & (df.cut_layer > 0)
-    np.testing.assert_allclose(df.energy_j[mid], df.energy_pred_j[mid], rtol=1e-9)
+    # server energy: the trainer's server work at every active cut (c = 0 included) is the profile's
+    np.testing.assert_allclose(df.energy_j[active], df.energy_pred_j[active], rtol=1e-9)
     assert (df.energy_j[~active] == 0).all() and (df.energy_pred_j[~active] == 0).all()
-    # at c = 0 the trainer also computes the gradient of the received hidden state (never sent): a few % more
-    zero = df.cut_layer == 0
-    assert zero.any()
-    assert ((df.energy_j[zero] / df.energy_pred_j[zero] - 1).between(0.0, 0.1)).all()
-    # link: the trainer also sends the labels (B s int64) up, which the model leaves out
-    B, s = 2, 24
-    extra = 8 * 8 * B * s / (df.rate_mbps * 1e6)
-    np.testing.assert_allclose((df.link_time_s - df.link_time_pred_s)[active], extra[active], rtol=1e-9)
-    # hand-over: adapter + AdamW moments (3 x 4 bytes per parameter) + serialisation overhead vs 4 bytes
+    assert (df.cut_layer == 0).any()
+    # link: smashed data + labels up, gradient down, as the model counts them
+    np.testing.assert_allclose(df.link_time_s[active], df.link_time_pred_s[active], rtol=1e-9)
+    # hand-over: adapter + AdamW moments (12 bytes per parameter, as modelled) + torch.save's framing
     ho = df.cut_layer > 0
     ratio = df.handover_bytes[ho] / df.handover_bytes_pred[ho]
-    assert ratio.between(3.0, 5.0).all()
+    assert ratio.between(1.0, 1.5).all()
 
 
 def test_emulated_run_same_learning_for_every_policy(e2e):
