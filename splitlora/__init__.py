@@ -15,7 +15,7 @@ Nothing runs at import time. The torch-based names are loaded on first use (modu
 from importlib import import_module
 
 from .baselines import POLICIES, evaluate_policy, run_policies
-from .card import Decision, card, exhaustive_search, optimal_frequency_hz
+from .card import Decision, best_clock_hz, card, exhaustive_search, optimal_frequency_hz
 from .experiments import Scenario
 from .figures import save_figure, save_table, save_text
 from .hardware import (CHANNEL_STATES, ChannelSpec, DeviceSpec, ServerSpec, load_channel, load_device,
@@ -52,7 +52,8 @@ def __getattr__(name):
 
 
 __all__ = [
-    "POLICIES", "evaluate_policy", "run_policies", "Decision", "card", "exhaustive_search", "optimal_frequency_hz",
+    "POLICIES", "evaluate_policy", "run_policies", "Decision", "best_clock_hz", "card", "exhaustive_search",
+    "optimal_frequency_hz",
     "Scenario", "save_figure", "save_table", "save_text", "CHANNEL_STATES", "ChannelSpec", "DeviceSpec",
     "ServerSpec", "load_channel", "load_device", "load_devices", "load_server", "ModelProfile", "load_model_config",
     "profile_model", "t5_lora_minibatch_memory_bytes", "CostModel", "Workload", "objective", "__version__",

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .card import Decision, card, exhaustive_search, optimal_frequency_hz
+from .card import Decision, best_clock_hz, card, exhaustive_search
 from .system import CostModel, _inputs, check_weight, objective
 
 POLICIES = ("CARD", "server-only", "device-only", "fixed cut", "random cut", "CARD cut, f_max",
@@ -82,8 +82,7 @@ def run_policies(model: CostModel, device_flops_per_s, rate_up_bps, rate_down_bp
             c = np.where(best.feasible, best.cut_layer, 0)
             out[name] = evaluate_policy(model, c, fmax, *args)
         elif name == "CARD clock, fixed cut":
-            t_ref, e_ref = model.references(P, Ru, Rd)
-            f = optimal_frequency_hz(model, t_ref, e_ref, w, discrete=discrete, cut_layer=np.full(K, L // 2))
+            f = best_clock_hz(model, np.full(K, L // 2), P, Ru, Rd, w, discrete=discrete)
             out[name] = evaluate_policy(model, L // 2, f, *args)
         elif name == "exhaustive":
             out[name] = exhaustive_search(model, *args)

@@ -12,6 +12,11 @@ table, so the best clock is one of the two table entries bracketing f*.
 
 Cut step (upper layer). Evaluate U(c, f*) for every c in 0..L (at c = L the server is idle: U = w T / T_ref)
 and take the feasible argmin (the smallest c on ties). O(L) per device-round; device-rounds are independent.
+
+Pipelined schedule (an extension, docs/model.md "Pipelined schedule"): the round delay has the term
+(I - 1) max(m, C_s / f) with m = max(T_d, T_l), so U(f) is a / f + b f^2 with a = a_A below the knee
+f_k = C_s / m (the server is the bottleneck) and a = a_B above it; U is still convex, and its minimiser is the
+better of clip((a_A / 2b)^(1/3), f_min, f_k) and clip((a_B / 2b)^(1/3), f_k, f_max), now one per (device-round, c).
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from . import _validate as V
 from .system import CostModel, check_weight, _inputs
 
 DEFAULT_CHUNK = 1 << 15
@@ -86,6 +92,57 @@ def optimal_frequency_hz(model: CostModel, t_ref_s, e_ref_j, w: float, *, discre
     return np.where(u(f_lo) <= u(f_hi), f_lo, f_hi)
 
 
+def _pipelined_clock_hz(model: CostModel, t_d, t_l, t_h, cycles, t_ref, e_ref, w: float, discrete: bool):
+    """Best server clock of the pipelined schedule for per-mini-batch stage times and cycles (any common shape)."""
+    I, kappa, P0 = model.iterations, model.kappa, model.static_power_w
+    C = np.asarray(cycles, dtype=float)
+    m = np.maximum(t_d, t_l)
+    b = (1.0 - w) * kappa * I * C / e_ref
+    a_hi = w * I * C / t_ref + (1.0 - w) * P0 * I * C / e_ref      # f <= f_k: the server sets the pace
+    a_lo = w * C / t_ref + (1.0 - w) * P0 * I * C / e_ref          # f >= f_k: the device or link does
+    with np.errstate(divide="ignore", invalid="ignore"):
+        f_k = np.clip(np.where(m > 0, C / m, np.inf), model.f_min_hz, model.f_max_hz)
+        root = lambda a: np.where(b > 0, np.cbrt(a / (2 * b)), np.inf)  # noqa: E731
+        f_a = np.clip(np.nan_to_num(root(a_hi), nan=model.f_min_hz), model.f_min_hz, f_k)
+        f_b = np.clip(np.nan_to_num(root(a_lo), nan=model.f_min_hz), f_k, model.f_max_hz)
+
+    def u(f):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t_s = np.where(C > 0, C / f, 0.0)
+        T = model.round_delay_s(t_d, t_l, t_h, t_s)
+        E = I * (kappa * C * f ** 2 + P0 * t_s)
+        return w * T / t_ref + (1.0 - w) * E / e_ref
+
+    f = np.where(u(f_a) <= u(f_b), f_a, f_b)
+    if discrete:
+        table = model.clocks_hz
+        hi = np.clip(np.searchsorted(table, f, side="left"), 0, len(table) - 1)
+        lo = np.clip(hi - 1, 0, len(table) - 1)
+        f = np.where(u(table[lo]) <= u(table[hi]), table[lo], table[hi])
+    return f
+
+
+def best_clock_hz(model: CostModel, cut_layer, device_flops_per_s, rate_up_bps, rate_down_bps, w: float, *,
+                  discrete: bool = False) -> np.ndarray:
+    """CARD's server clock for given cut layers (K,), for either schedule (Hz), shape (K,).
+
+    Sequential: :func:`optimal_frequency_hz`. Pipelined: the piecewise closed form of the module docstring.
+    The value is meaningless where c = L (server idle).
+    Raises: ValueError for w outside [0, 1], a cut layer outside 0..L, bad compute or rates.
+    """
+    check_weight(w)
+    P, Ru, Rd = _inputs(device_flops_per_s, rate_up_bps, rate_down_bps)
+    c = np.broadcast_to(np.asarray(cut_layer).reshape(-1), P.shape)
+    V.check_int_range("cut_layer", c, 0, model.n_cuts)
+    c = c.astype(np.int64)
+    t_ref, e_ref = model.references(P, Ru, Rd)
+    if model.schedule == "sequential":
+        return optimal_frequency_hz(model, t_ref, e_ref, w, discrete=discrete, cut_layer=c)
+    rows = np.arange(len(c))
+    t_d, t_l, t_h = (a[rows, c] for a in model.stage_times_s(P, Ru, Rd))
+    return _pipelined_clock_hz(model, t_d, t_l, t_h, model.server_cycles[c], t_ref, e_ref, w, discrete)
+
+
 def card(model: CostModel, device_flops_per_s, rate_up_bps, rate_down_bps, memory_bytes, w: float, *,
          discrete: bool = False, chunk: int = DEFAULT_CHUNK) -> Decision:
     """Run CARD for K device-rounds at once.
@@ -112,6 +169,8 @@ def card(model: CostModel, device_flops_per_s, rate_up_bps, rate_down_bps, memor
 
 
 def _card_block(model, P, Ru, Rd, M, w, discrete):
+    if model.schedule != "sequential":
+        return _card_block_pipelined(model, P, Ru, Rd, M, w, discrete)
     L = model.n_cuts
     fixed = model.fixed_delay_s(P, Ru, Rd)                               # (k, L+1)
     cyc = model.iterations * model.server_cycles                         # (L+1,)
@@ -139,6 +198,27 @@ def _card_block(model, P, Ru, Rd, M, w, discrete):
                     objective=np.where(feasible, u_best, nan), feasible=feasible)
 
 
+def _card_block_pipelined(model, P, Ru, Rd, M, w, discrete):
+    L = model.n_cuts
+    t_d, t_l, t_h = model.stage_times_s(P, Ru, Rd)                      # (k, L+1) each
+    t_ref, e_ref = model.references(P, Ru, Rd)
+    C = np.broadcast_to(model.server_cycles[None, :], t_d.shape)
+    f = _pipelined_clock_hz(model, t_d, t_l, t_h, C, t_ref[:, None], e_ref[:, None], w, discrete)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t_s = np.where(C > 0, C / f, 0.0)
+    T = model.round_delay_s(t_d, t_l, t_h, t_s)
+    E = model.iterations * (model.kappa * C * f ** 2 + model.static_power_w * t_s)
+    u = np.where(model.feasible(M), w * T / t_ref[:, None] + (1.0 - w) * E / e_ref[:, None], np.inf)
+    c = np.argmin(u, axis=1)
+    rows = np.arange(len(c))
+    feasible = np.isfinite(u[rows, c])
+    nan = np.nan
+    return Decision(cut_layer=np.where(feasible, c, -1),
+                    frequency_hz=np.where(feasible, np.where(c == L, 0.0, f[rows, c]), nan),
+                    delay_s=np.where(feasible, T[rows, c], nan), energy_j=np.where(feasible, E[rows, c], nan),
+                    objective=np.where(feasible, u[rows, c], nan), feasible=feasible)
+
+
 def exhaustive_search(model: CostModel, device_flops_per_s, rate_up_bps, rate_down_bps, memory_bytes, w: float,
                       clocks_hz=None, *, chunk: int = 256) -> Decision:
     """Joint brute force over every feasible cut layer and every clock of a grid (the benchmark CARD must match).
@@ -158,9 +238,10 @@ def exhaustive_search(model: CostModel, device_flops_per_s, rate_up_bps, rate_do
     for i in range(0, P.shape[0], chunk):
         p, ru, rd, m = P[i:i + chunk], Ru[i:i + chunk], Rd[i:i + chunk], M[i:i + chunk]
         t_ref, e_ref = model.references(p, ru, rd)
-        fixed = model.fixed_delay_s(p, ru, rd)
+        t_d, t_l, t_h = (a[:, :, None] for a in model.stage_times_s(p, ru, rd))
         cuts = np.arange(L + 1)
-        T = fixed[:, :, None] + model.server_delay_s(cuts[:, None], grid[None, :])[None]   # (k, L+1, F)
+        t_s = model.server_time_s(cuts[:, None], grid[None, :])[None]                    # (1, L+1, F)
+        T = model.round_delay_s(t_d, t_l, t_h, t_s)                                      # (k, L+1, F)
         E = np.broadcast_to(model.server_energy_j(cuts[:, None], grid[None, :])[None], T.shape)
         U = w * T / t_ref[:, None, None] + (1 - w) * E / e_ref[:, None, None]
         U = np.where(model.feasible(m)[:, :, None], U, np.inf)

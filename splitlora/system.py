@@ -25,6 +25,8 @@ import numpy as np
 from . import _validate as V
 from .hardware import ServerSpec
 
+SCHEDULES = ("sequential", "pipelined")
+
 
 @dataclass(frozen=True)
 class Workload:
@@ -36,16 +38,21 @@ class Workload:
             AdamW moments (12), since exact sequential training moves the optimiser state with the adapter (byte).
         label_bytes_per_token: b_y, bytes per label token sent up with the smashed data when c < L (the loss is
             on the server; int64 token ids: 8) (byte).
+        schedule: "sequential" (the paper's setting as reconstructed: device, link and server work one after
+            the other for each mini-batch) or "pipelined" (an extension: the device starts the next mini-batch
+            while the link and the server handle the current one; docs/model.md "Pipelined schedule").
     """
 
     iterations_per_round: int = 10
     adapter_bytes_per_param: float = 12.0
     label_bytes_per_token: float = 8.0
+    schedule: str = "sequential"
 
     def __post_init__(self):
         V.check_int_range("iterations_per_round", self.iterations_per_round, 1, 10**9)
         V.check_positive("adapter_bytes_per_param", self.adapter_bytes_per_param)
         V.check_positive("label_bytes_per_token", self.label_bytes_per_token, allow_zero=True)
+        V.check_choice("schedule", self.schedule, SCHEDULES)
 
 
 @dataclass(frozen=True)
@@ -62,7 +69,7 @@ class CostModel:
         device_memory_bytes: Mem_d(c), device memory needed for training (byte), without the runtime reserve.
         kappa: server effective switched capacitance (W/Hz^3); static_power_w: P0 (W).
         f_min_hz, f_max_hz: server clock range (Hz); clocks_hz: supported-clock table (Hz), shape (K_f,).
-        iterations: I (-).
+        iterations: I (-); schedule: "sequential" or "pipelined" (see :class:`Workload`).
     Build it with :meth:`from_profile`.
     """
 
@@ -78,6 +85,7 @@ class CostModel:
     f_max_hz: float
     clocks_hz: np.ndarray
     iterations: int
+    schedule: str = "sequential"
 
     @property
     def n_cuts(self) -> int:
@@ -114,16 +122,52 @@ class CostModel:
             kappa=server.kappa, static_power_w=server.static_power_w,
             f_min_hz=server.f_min_hz, f_max_hz=server.f_max_hz,
             clocks_hz=server.supported_clocks_hz(), iterations=workload.iterations_per_round,
+            schedule=workload.schedule,
         )
 
     # --- the model's terms ---------------------------------------------------------------------
+    def stage_times_s(self, device_flops_per_s, rate_up_bps, rate_down_bps):
+        """Per mini-batch device time T_d and link time T_l, and the round's hand-over time (s).
+
+        Args: device_flops_per_s P_d, rate_up_bps, rate_down_bps: arrays of shape (K,) (FLOP/s, bit/s).
+        Returns: (T_d, T_l, T_handover), each of shape (K, L+1).
+        Raises: ValueError for non-positive or NaN inputs.
+        """
+        P, Ru, Rd = _inputs(device_flops_per_s, rate_up_bps, rate_down_bps)
+        t_d = self.device_flops[None, :] / P[:, None]
+        t_l = self.smashed_bits[None, :] / Ru[:, None] + self.grad_bits[None, :] / Rd[:, None]
+        t_h = self.handover_bits[None, :] * (1.0 / Ru + 1.0 / Rd)[:, None]
+        return t_d, t_l, t_h
+
+    def round_delay_s(self, t_d, t_l, t_h, t_s):
+        """Round delay from per-mini-batch stage times (s), broadcasting all four arguments.
+
+        sequential: I (T_d + T_l + T_s) + T_handover;
+        pipelined:  (I - 1) max(T_d, T_l, T_s) + (T_d + T_l + T_s) + T_handover (fill and drain once, then the
+        slowest stage sets the pace; docs/model.md "Pipelined schedule").
+        """
+        if self.schedule == "pipelined":
+            return (self.iterations - 1) * np.maximum(np.maximum(t_d, t_l), t_s) + t_d + t_l + t_s + t_h
+        return self.iterations * (t_d + t_l + t_s) + t_h
+
+    def server_time_s(self, cut_layer, f_hz) -> np.ndarray:
+        """T_s = C_s(c) / f per mini-batch (s); 0 where C_s = 0 (device-only). Broadcasts cut_layer with f_hz."""
+        cyc = self.server_cycles[np.asarray(cut_layer)]
+        f = np.asarray(f_hz, dtype=float)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(cyc > 0, cyc / f, 0.0)
+
     def fixed_delay_s(self, device_flops_per_s, rate_up_bps, rate_down_bps) -> np.ndarray:
-        """The part of the round delay that does not depend on f: I (T_d + T_l) + hand-over (s).
+        """Sequential schedule only: the part of the round delay that does not depend on f, I (T_d + T_l) +
+        hand-over (s).
 
         Args: device_flops_per_s P_d, rate_up_bps, rate_down_bps: arrays of shape (K,) (FLOP/s, bit/s).
         Returns: shape (K, L+1).
         Raises: ValueError for non-positive or NaN inputs.
         """
+        if self.schedule != "sequential":
+            raise ValueError(f"schedule={self.schedule!r} is invalid here: fixed_delay_s needs 'sequential' "
+                             "(use stage_times_s and round_delay_s)")
         P, Ru, Rd = _inputs(device_flops_per_s, rate_up_bps, rate_down_bps)
         inv_r = (1.0 / Ru + 1.0 / Rd)[:, None]
         link = self.smashed_bits[None, :] / Ru[:, None] + self.grad_bits[None, :] / Rd[:, None]
@@ -167,9 +211,11 @@ class CostModel:
         active = c < self.n_cuts
         if np.any(active):
             V.check_range("f_hz", f[active], self.f_min_hz * (1 - 1e-12), self.f_max_hz * (1 + 1e-12))
-        fixed = self.fixed_delay_s(device_flops_per_s, rate_up_bps, rate_down_bps)
-        fixed = np.broadcast_to(fixed, (c.shape[0], fixed.shape[1]))[np.arange(c.shape[0]), c]
-        return fixed + self.server_delay_s(c, f), self.server_energy_j(c, f)
+        t_d, t_l, t_h = self.stage_times_s(device_flops_per_s, rate_up_bps, rate_down_bps)
+        rows = np.arange(c.shape[0])
+        pick = lambda a: np.broadcast_to(a, (c.shape[0], a.shape[1]))[rows, c]  # noqa: E731
+        T = self.round_delay_s(pick(t_d), pick(t_l), pick(t_h), self.server_time_s(c, f))
+        return T, self.server_energy_j(c, f)
 
     def references(self, device_flops_per_s, rate_up_bps, rate_down_bps):
         """Normalisers (T_ref, E_ref), each (K,): the server-only benchmark (c = 0) at f_max (docs/model.md "Objective")."""

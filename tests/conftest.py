@@ -28,7 +28,7 @@ def synthetic_profile(rng: np.random.Generator, n_cuts: int | None = None) -> Si
                            device_lora_params=np.arange(L + 1) * rng.uniform(1e4, 1e6))
 
 
-def random_instance(seed: int, k: int = 8, static_power: bool = False):
+def random_instance(seed: int, k: int = 8, static_power: bool = False, schedule: str = "sequential"):
     """(CostModel, P, R_up, R_down, M, w) drawn at random; w in [0, 1]."""
     rng = np.random.default_rng(seed)
     prof = synthetic_profile(rng)
@@ -37,7 +37,8 @@ def random_instance(seed: int, k: int = 8, static_power: bool = False):
                         f_min_hz=f_max * rng.uniform(0.05, 0.9), f_max_hz=f_max, clock_step_hz=15e6,
                         board_power_w=rng.uniform(50, 500),
                         static_power_w=rng.uniform(0, 50) if static_power else 0.0)
-    model = CostModel.from_profile(prof, server, Workload(iterations_per_round=int(rng.integers(1, 20))))
+    model = CostModel.from_profile(prof, server, Workload(iterations_per_round=int(rng.integers(1, 20)),
+                                                          schedule=schedule))
     P = rng.uniform(5e10, 5e12, size=k)
     Ru = rng.uniform(1e6, 2e8, size=k)
     Rd = rng.uniform(1e6, 2e8, size=k)

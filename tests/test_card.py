@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from scipy.optimize import minimize_scalar
 
-from splitlora.card import card, exhaustive_search, optimal_frequency_hz
+from splitlora.card import best_clock_hz, card, exhaustive_search, optimal_frequency_hz
 from splitlora.system import objective
 
 from conftest import random_instance
@@ -48,9 +48,9 @@ def test_discrete_clock_equals_brute_force_over_table(seed):
 
 
 @settings(max_examples=300, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), static_power=st.booleans())
-def test_card_matches_exhaustive_joint_search(seed, static_power):
-    model, P, Ru, Rd, M, w = random_instance(seed, k=4, static_power=static_power)
+@given(seed=st.integers(0, 2**31 - 1), static_power=st.booleans(), schedule=st.sampled_from(["sequential", "pipelined"]))
+def test_card_matches_exhaustive_joint_search(seed, static_power, schedule):
+    model, P, Ru, Rd, M, w = random_instance(seed, k=4, static_power=static_power, schedule=schedule)
     # discrete: CARD over the clock table must equal brute force over (cut, table) exactly
     d = card(model, P, Ru, Rd, M, w, discrete=True)
     e = exhaustive_search(model, P, Ru, Rd, M, w)
@@ -93,3 +93,31 @@ def test_bad_weight_is_rejected(w):
     model, P, Ru, Rd, M, _ = random_instance(0, k=1)
     with pytest.raises(ValueError, match=r"w=.*must be in \[0.0, 1.0\]"):
         card(model, P, Ru, Rd, M, w)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_pipelined_clock_equals_scipy(seed):
+    """The piecewise closed form of the pipelined schedule against scipy on the same (kinked, convex) U(f)."""
+    model, P, Ru, Rd, M, w = random_instance(seed, k=1, schedule="pipelined")
+    t_ref, e_ref = model.references(P, Ru, Rd)
+    for c in (0, model.n_cuts // 2, model.n_cuts - 1):
+        f_closed = best_clock_hz(model, np.array([c]), P, Ru, Rd, w)[0]
+        res = minimize_scalar(lambda f: _u_of_f(model, c, f, P, Ru, Rd, t_ref, e_ref, w),
+                              bounds=(model.f_min_hz, model.f_max_hz), method="bounded", options={"xatol": 1e-3})
+        grid = np.linspace(model.f_min_hz, model.f_max_hz, 4001)
+        u_grid = min(_u_of_f(model, c, f, P, Ru, Rd, t_ref, e_ref, w) for f in grid[::40])
+        u_closed = _u_of_f(model, c, f_closed, P, Ru, Rd, t_ref, e_ref, w)
+        assert u_closed <= min(res.fun, u_grid) * (1 + 1e-12)
+        assert u_closed == pytest.approx(res.fun, rel=1e-6)
+
+
+def test_pipelining_never_slower_than_sequential():
+    """Overlap can only help: for the same decisions the pipelined round is at most the sequential one."""
+    for seed in range(20):
+        seq, P, Ru, Rd, M, w = random_instance(seed, k=6)
+        pipe, *_ = random_instance(seed, k=6, schedule="pipelined")
+        c = np.arange(6) % (seq.n_cuts + 1)
+        f = np.full(6, seq.f_max_hz)
+        T_seq, E_seq = seq.evaluate(c, f, P, Ru, Rd)
+        T_pipe, E_pipe = pipe.evaluate(c, f, P, Ru, Rd)
+        assert np.all(T_pipe <= T_seq * (1 + 1e-12)) and np.array_equal(E_seq, E_pipe)

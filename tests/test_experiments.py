@@ -129,3 +129,31 @@ def test_energy_only_weight_pushes_every_device_to_its_memory_limit():
     for _, row in table.iterrows():
         M = _device(row.device)[1]
         assert row.cut_layer == max(c for c in range(p.n_cuts + 1) if p.device_memory_bytes[c] <= M)
+
+
+def test_fig6_pipelined_decisions_equal_brute_force():
+    """fig6's pipelined rows against a scalar brute force over (cut, clock table) with the pipelined delay."""
+    sc = ex.Scenario(schedule="pipelined")
+    table = ex.schedule_comparison(sc, "Normal")
+    p = sc.profile()
+    I, R = 10, _rate("Normal")
+
+    def rnd(c, f, P):
+        Fd = p.device_fwd_flops[c] + p.device_bwd_flops[c]
+        Cs = (p.server_fwd_flops[c] + p.server_bwd_flops[c]) / ETA_G
+        labels = p.batch_size * p.seq_len * 8 if c < p.n_cuts else 0
+        td, tl = Fd / P, (8 * (p.smashed_bytes[c] + labels) + 8 * p.grad_bytes[c]) / R
+        ts = Cs / f if Cs else 0.0
+        T = (I - 1) * max(td, tl, ts) + td + tl + ts + 2 * 8 * p.device_lora_params[c] * 12 / R
+        return T, I * KAPPA * Cs * f ** 2
+
+    for _, row in table[table.schedule == "pipelined"].iterrows():
+        P, M = _device(row.device)
+        T_ref, E_ref = rnd(0, FMAX, P)
+        best = min((sc.w * T / T_ref + (1 - sc.w) * E / E_ref, c, f if c < p.n_cuts else 0.0)
+                   for c in range(p.n_cuts + 1) if p.device_memory_bytes[c] <= M
+                   for f in (CLOCKS if c < p.n_cuts else [FMAX]) for T, E in [rnd(c, f, P)])
+        assert (row.cut_layer, row.frequency_ghz) == (best[1], pytest.approx(best[2] / 1e9, abs=1e-12))
+        assert row.objective == pytest.approx(best[0], rel=1e-9)
+    pipe = table[table.schedule == "pipelined"]
+    assert pipe.cut_layer.is_monotonic_decreasing and 0 < pipe.cut_layer.iloc[0] < 32

@@ -73,7 +73,8 @@ def test_nan_parameters(field):
 
 
 @pytest.mark.parametrize("kw, name", [({"batch_size": 0}, "batch_size"), ({"granularity": "layer"}, "granularity"),
-                                      ({"compute_scale": -1.0}, "compute_scale"), ({"seq_len": 2.5}, "seq_len")])
+                                      ({"compute_scale": -1.0}, "compute_scale"), ({"seq_len": 2.5}, "seq_len"),
+                                      ({"schedule": "async"}, "schedule")])
 def test_scenario_fields(kw, name):
     with pytest.raises(ValueError, match=rf"{name}=.* is invalid"):
         Scenario(**kw)
