@@ -54,14 +54,18 @@ def provenance(parameters: dict) -> dict:
 
 
 def git_state() -> dict:
-    """{"commit": sha or None, "dirty": bool or None} of the repository holding the package."""
+    """{"commit": sha or None, "dirty": bool or None} of the repository holding the package.
+
+    ``dirty`` means uncommitted changes to tracked files outside ``figures/``.
+    """
     def run(*args):
         return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
     try:
         head = run("rev-parse", "HEAD")
         if head.returncode != 0:
             return {"commit": None, "dirty": None}
-        dirty = run("status", "--porcelain", "--untracked-files=no").stdout.strip() != ""
+        # the figures themselves are what a run rewrites: they do not make the code dirty
+        dirty = run("status", "--porcelain", "--untracked-files=no", "--", ".", ":!figures").stdout.strip() != ""
         return {"commit": head.stdout.strip(), "dirty": dirty}
     except (OSError, subprocess.TimeoutExpired):
         return {"commit": None, "dirty": None}
