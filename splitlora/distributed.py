@@ -53,7 +53,7 @@ from pathlib import Path
 import torch
 
 from ._validate import check_choice, check_int_range, check_positive
-from .training import SplitTrainConfig, SplitTrainer, StepLog, _Node, _trainable_names
+from .training import LoraNode, SplitTrainConfig, SplitTrainer, StepLog, trainable_names
 
 CHECKPOINT_VERSION = 1
 MAGIC = 0x5B17_104A
@@ -429,7 +429,7 @@ def _name_key(name: str) -> int:
 
 
 def send_adapter(link: Link, payload: dict, rate_bps: float = 0.0) -> int:
-    """Send a :meth:`_Node.export` payload (values + AdamW state) as two messages: a manifest (n, 3) int64 of
+    """Send a :meth:`LoraNode.export` payload (values + AdamW state) as two messages: a manifest (n, 3) int64 of
     [name key, dtype code, numel] and one uint8 blob of the tensors in that order. Returns the bytes sent."""
     items = [(f"{n}/param", t) for n, t in sorted(payload["params"].items())]
     items += [(f"{n}/{k}", payload["opt"][n][k]) for n in sorted(payload["opt"]) for k in ADAM_FIELDS
@@ -552,7 +552,7 @@ class Server:
         torch.manual_seed(cfg.train.seed)  # as SplitTrainer: same LoRA initialisation
         model = get_peft_model(copy.deepcopy(base), lora_config(cfg))
         model.train()
-        self.node = _Node(model, cfg.train)
+        self.node = LoraNode(model, cfg.train)
         self.node.set_owned(list(self.node.params))
         self.L = num_units(model, cfg.train.granularity)
         self.H = int(base.config.hidden_size)
@@ -653,7 +653,7 @@ class Server:
         rate = float(self.rates[n, m]) * cfg.link.rate_scale
         pace = rate if cfg.link.emulate else 0.0
         d_part, s_part = split_model(node.model, cut, cfg.train.granularity)
-        d_own, s_own = _trainable_names(node, d_part), _trainable_names(node, s_part)
+        d_own, s_own = trainable_names(node, d_part), trainable_names(node, s_part)
         I = cfg.steps_per_round
         link.send(torch.tensor([TURN, n, self.global_step, cut, I], dtype=torch.int64), K_CTRL)
         link.send(torch.tensor([pace, pace], dtype=torch.float64), K_RATES)
@@ -783,7 +783,7 @@ class Device:
         torch.manual_seed(cfg.train.seed)
         model = get_peft_model(copy.deepcopy(base), lora_config(cfg))
         model.train()
-        self.node = _Node(model, cfg.train)
+        self.node = LoraNode(model, cfg.train)
         self.node.wipe()
         self.wire = wire_dtype_of(cfg.train.wire_dtype)
         self.data = device_batches(cfg, base.config.vocab_size)[m]
@@ -804,7 +804,7 @@ class Device:
         pace_up, pace_down = rates
         node, cfg = self.node, self.cfg
         d_part, _ = split_model(node.model, cut, cfg.train.granularity)
-        d_own = _trainable_names(node, d_part)
+        d_own = trainable_names(node, d_part)
         incoming, _ = recv_adapter(link, {k: node.params[k] for k in d_own})
         node.wipe()
         node.set_owned(d_own, incoming)

@@ -109,8 +109,16 @@ def _roundtrip(obj):
     return torch.load(buf, weights_only=True)
 
 
-class _Node:
-    """One side (server, or the device in turn): a PeftModel instance, the LoRA names it owns, its AdamW."""
+class LoraNode:
+    """One side of split training (the server, or the device in turn): a PeftModel instance, the LoRA
+    parameters it owns and an AdamW over them.
+
+    ``params`` maps every trainable (LoRA) parameter name of ``model`` to its tensor; ``owned`` lists the names
+    this side trains now; every parameter it does not own is NaN, so a tensor that was never handed over cannot
+    go unnoticed. A payload (:meth:`export`, :meth:`set_owned`) is ``{"params": {name: tensor},
+    "opt": {name: {"exp_avg", "exp_avg_sq", "step"}}}``. Used by :class:`SplitTrainer` and by the roles of
+    :mod:`splitlora.distributed`.
+    """
 
     def __init__(self, model: nn.Module, cfg: SplitTrainConfig):
         self.model, self.cfg = model, cfg
@@ -164,7 +172,12 @@ class _Node:
         self.set_owned([])
 
 
-def _trainable_names(node: _Node, part: nn.Module) -> list[str]:
+_Node = LoraNode  # former private name (tests/test_training.py patches it)
+
+
+def trainable_names(node: LoraNode, part: nn.Module) -> list[str]:
+    """Names (in ``node.params`` order) of the trainable parameters of ``part``, a piece of ``node.model`` such as
+    one side of :func:`splitlora.split.split_model`: the LoRA parameters that side owns at that cut."""
     ids = {id(p) for p in part.parameters() if p.requires_grad}
     return [n for n, p in node.params.items() if id(p) in ids]
 
@@ -199,7 +212,7 @@ class SplitTrainer:
         server_model.train()
         device_model = copy.deepcopy(server_model)
         self.num_units = num_units(server_model, config.granularity)
-        self.server, self.device = _Node(server_model, config), _Node(device_model, config)
+        self.server, self.device = LoraNode(server_model, config), LoraNode(device_model, config)
         self.server.set_owned(list(self.server.params))  # the server starts with the initial adapter
         self.device.wipe()
         self.cut: int | None = None
@@ -212,7 +225,7 @@ class SplitTrainer:
         """Re-split both instances at ``cut``; move LoRA parameters across. Returns bytes moved."""
         d_part, _ = split_model(self.device.model, cut, self.config.granularity)
         _, s_part = split_model(self.server.model, cut, self.config.granularity)
-        d_own, s_own = _trainable_names(self.device, d_part), _trainable_names(self.server, s_part)
+        d_own, s_own = trainable_names(self.device, d_part), trainable_names(self.server, s_part)
         to_dev = [n for n in d_own if n not in self.device.owned]
         to_srv = [n for n in s_own if n not in self.server.owned]
         pay_d = _roundtrip(self.server.export(to_dev)) if to_dev else None

@@ -162,7 +162,7 @@ def _tiny_node():
 
     cfg = D.config_from_dict(base_config(Path("/nonexistent")))
     model = get_peft_model(D.build_base_model(cfg), D.lora_config(cfg))
-    return D._Node(model, cfg.train)
+    return D.LoraNode(model, cfg.train)
 
 
 def test_device_cannot_write_server_side_adapter():
@@ -171,7 +171,7 @@ def test_device_cannot_write_server_side_adapter():
     node = _tiny_node()
     node.set_owned(list(node.params))
     d_part, s_part = split_model(node.model, 1, "sublayer")
-    d_own, s_own = D._trainable_names(node, d_part), D._trainable_names(node, s_part)
+    d_own, s_own = D.trainable_names(node, d_part), D.trainable_names(node, s_part)
     expected = {k: node.params[k] for k in d_own}
     # a well-formed hand-over (values + AdamW state) is accepted
     a, b = thread_pair(timeout_s=1.5)
