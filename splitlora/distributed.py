@@ -5,12 +5,17 @@ Roles: rank 0 is the **server**, ranks 1..M are **devices** 0..M-1 (``RANK`` / `
 for the same configuration and seed (``run_in_process``; tests), as long as LoRA dropout is 0 (each process
 draws dropout masks from its own RNG).
 
+This module holds the roles (:class:`Server`, :class:`Device`) and the entry points; the run configuration and
+what it decides are in :mod:`splitlora.run_config`, the tensor messages in :mod:`splitlora.wire` (both
+re-exported here).
+
 Transport. The server hosts a ``TCPStore`` (bound to ``addr``, 127.0.0.1 unless named); each device joins by
 incrementing its counter ``join/<m>`` and the two build a *pair* ``ProcessGroupGloo`` (size 2) under the prefix
 ``pair/<m>/<generation>``. There is no world-wide group, so a dead device breaks only its own pair; a device
 that comes back joins under a new generation. Every message is an int64 header tensor
 ``[magic, dtype code, ndim, d0..d4, key, chunk bytes]`` followed by the payload bytes (uint8, possibly in
-chunks); the receiver checks magic, dtype, shape and key before receiving the payload. Nothing is pickled.
+chunks); the receiver checks magic, dtype, shape and key before receiving the payload. Nothing is pickled
+(:mod:`splitlora.wire`).
 
 Per turn (round n, device m, ``steps_per_round`` mini-batches): the server runs CARD (or the configured
 schedule) for the device from the profile it reported and the round's channel state, sends the cut layer and
@@ -38,7 +43,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import hashlib
 import json
 import os
 import signal
@@ -46,292 +50,22 @@ import socket
 import subprocess
 import sys
 import time
-import zlib
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
-from ._validate import check_choice, check_int_range, check_positive
-from .training import LoraNode, SplitTrainConfig, SplitTrainer, StepLog, trainable_names
+from ._validate import check_int_range
+from .run_config import (DistConfig, LinkConfig, RunConfig, build_base_model, channel_rates,  # noqa: F401
+                         config_from_dict, cost_model, decide_cut, device_batches, device_profile, load_config,
+                         lora_config, planned_cuts, run_in_process)
+from .training import LoraNode, StepLog, trainable_names  # noqa: F401
+from .wire import (ADAM_FIELDS, DTYPES, HEADER_LEN, K_ADAPTER, K_COUNT, K_CTRL, K_GRAD, K_HELLO,  # noqa: F401
+                   K_HIDDEN, K_LABELS, K_LOSS, K_MASK, K_PROFILE, K_RATES, K_STATS, MAGIC, MAX_DIMS, Link,
+                   ProtocolError, _local_addr, pair_group, recv_adapter, send_adapter)
 
 CHECKPOINT_VERSION = 1
-MAGIC = 0x5B17_104A
-HEADER_LEN = 10  # magic, dtype code, ndim, d0..d4, key, chunk bytes
-MAX_DIMS = 5
-DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.float64, torch.bool,
-          torch.uint8]
-# message keys (names of adapter tensors use crc32 of "<name>/<field>")
-K_CTRL, K_RATES, K_HELLO, K_PROFILE, K_HIDDEN, K_LABELS, K_MASK, K_GRAD, K_LOSS, K_STATS, K_COUNT, K_ADAPTER = \
-    range(1, 13)
 TURN, STOP = 1, 2
-ADAM_FIELDS = ("exp_avg", "exp_avg_sq", "step")
-
-
-class ProtocolError(RuntimeError):
-    """A message that is not what the receiver expects (dtype, shape, key, magic): the peer is dropped."""
-
-
-# ============================================================================================ configuration
-@dataclass(frozen=True)
-class LinkConfig:
-    """Channel states and their emulation.
-
-    condition: "Good", "Normal", "Poor" (fixed) or "Markov" (per-device chains of data/channel.yaml) ["Normal"].
-    seed: seed of the Markov chains [0]. emulate: pace every payload to the state's rate (rate limiter) [False].
-    rate_scale: multiplies the channel model's rate for the emulation and the logged prediction (< 1 slows the
-    link so transfers are measurable on a small model); CARD always sees the unscaled rate [1.0].
-    """
-
-    condition: str = "Normal"
-    seed: int = 0
-    emulate: bool = False
-    rate_scale: float = 1.0
-
-    def __post_init__(self):
-        check_choice("link.condition", self.condition, ("Good", "Normal", "Poor", "Markov"))
-        check_positive("link.rate_scale", self.rate_scale)
-
-
-@dataclass(frozen=True)
-class DistConfig:
-    """Where and how the roles talk (not part of the training fingerprint).
-
-    addr: address the server binds and devices connect to; loopback unless you name one ["127.0.0.1"].
-    port: TCP port of the server's store (not torchrun's rendezvous port) [29500].
-    timeout_s: longest wait for one message inside a turn (s) [60]. join_timeout_s: how long the server waits
-    for a failed device to rejoin before skipping it (s) [30]. startup_timeout_s: wait for a device's first join
-    (s) [300]. idle_timeout_s: a device's wait for its next turn (s) [3600]. retries: attempts after a failed
-    turn [1]. checkpoint_dir: folder of ``server.pt`` / ``device<m>.pt``, None = no checkpoints [None].
-    resume: load an existing checkpoint at start [True]. output_dir: where the server writes ``adapter.pt``,
-    ``logs.json``, ``events.json`` and the PEFT ``adapter/`` folder [None].
-    """
-
-    addr: str = "127.0.0.1"
-    port: int = 29500
-    timeout_s: float = 60.0
-    join_timeout_s: float = 30.0
-    startup_timeout_s: float = 300.0
-    idle_timeout_s: float = 3600.0
-    retries: int = 1
-    checkpoint_dir: str | None = None
-    resume: bool = True
-    output_dir: str | None = None
-
-    def __post_init__(self):
-        check_int_range("dist.port", self.port, 1, 65535)
-        for k in ("timeout_s", "join_timeout_s", "startup_timeout_s", "idle_timeout_s"):
-            check_positive(f"dist.{k}", getattr(self, k))
-        check_int_range("dist.retries", self.retries, 0, 1000)
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """One split-training run; the same file drives :func:`run_in_process` and the distributed roles.
-
-    model: ``tiny_llama_config`` keyword arguments plus ``seed``, or ``{"name_or_path": ..., "seed": ...}``.
-    lora: ``peft.LoraConfig`` keyword arguments. train: :class:`SplitTrainConfig` fields.
-    batch_size, seq_len: B sequences of s tokens per mini-batch. batches_per_device: synthetic mini-batches each
-    device holds (random tokens, seeded by ``data_seed`` and the device index; the second half of every second
-    row is padding). devices: device names of data/hardware.yaml, one per device rank (their reported profile).
-    rounds, steps_per_round: N rounds, I mini-batches per device per round. cut: "card" (CARD each round),
-    an int (fixed) or a list per round of a cut per device. w: CARD's delay weight. card_scenario: None (CARD
-    costs the trained model and workload) or :class:`~splitlora.experiments.Scenario` fields: CARD then decides
-    for that scenario's model (e.g. Llama-3.2-1B, L' units, ``w`` from the scenario) and the trained model gets
-    the cut round(c' L / L'), so a small model can stand in for the paper's. link: :class:`LinkConfig`.
-    dist: :class:`DistConfig`.
-    """
-
-    model: dict = field(default_factory=lambda: {"hidden_size": 32, "num_layers": 2, "seed": 0})
-    lora: dict = field(default_factory=lambda: {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0,
-                                                "target_modules": ["q_proj", "v_proj"]})
-    train: SplitTrainConfig = SplitTrainConfig()
-    batch_size: int = 2
-    seq_len: int = 16
-    batches_per_device: int = 4
-    data_seed: int = 0
-    devices: tuple = ("Device 3",)
-    rounds: int = 2
-    steps_per_round: int = 2
-    cut: object = "card"
-    w: float = 0.1
-    card_scenario: dict | None = None
-    link: LinkConfig = LinkConfig()
-    dist: DistConfig = DistConfig()
-
-    def __post_init__(self):
-        for k in ("batch_size", "seq_len", "batches_per_device", "rounds", "steps_per_round"):
-            check_int_range(k, getattr(self, k), 1, 10**9)
-        object.__setattr__(self, "devices", tuple(self.devices))
-        if not self.devices:
-            raise ValueError("devices=() is invalid: must name at least one device")
-        if isinstance(self.cut, str):
-            check_choice("cut", self.cut, ("card",))
-        elif isinstance(self.cut, (list, tuple)):
-            if len(self.cut) != self.rounds or any(len(r) != len(self.devices) for r in self.cut):
-                raise ValueError(f"cut={self.cut!r} is invalid: must be {self.rounds} rounds x {len(self.devices)} cuts")
-        else:
-            check_int_range("cut", self.cut, 0, 10**6)
-
-    @property
-    def num_devices(self) -> int:
-        return len(self.devices)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["devices"] = list(self.devices)
-        d["train"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in d["train"].items()}
-        return d
-
-    def fingerprint(self) -> int:
-        """63-bit hash of everything that decides the training (not ``dist``, not ``train.progress``)."""
-        d = self.to_dict()
-        d.pop("dist")
-        d["train"].pop("progress")
-        digest = hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).digest()
-        return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def config_from_dict(d: dict) -> RunConfig:
-    """Build a :class:`RunConfig` from a plain dict (YAML/JSON); unknown keys raise ValueError."""
-    d = dict(d)
-    known = {f.name for f in fields(RunConfig)}
-    unknown = set(d) - known
-    if unknown:
-        raise ValueError(f"config keys {sorted(unknown)} are invalid: must be among {sorted(known)}")
-    if "train" in d:
-        t = dict(d["train"])
-        if "betas" in t:
-            t["betas"] = tuple(t["betas"])
-        d["train"] = SplitTrainConfig(**t)
-    if "link" in d:
-        d["link"] = LinkConfig(**d["link"])
-    if "dist" in d:
-        d["dist"] = DistConfig(**d["dist"])
-    return RunConfig(**d)
-
-
-def load_config(path) -> RunConfig:
-    """Read a run configuration from a YAML or JSON file."""
-    import yaml
-
-    return config_from_dict(yaml.safe_load(Path(path).read_text()) or {})
-
-
-# ============================================================================================ shared pieces
-def build_base_model(cfg: RunConfig):
-    """The frozen base model: the offline tiny Llama (``tiny_llama_config(**model)``) or ``name_or_path``."""
-    from .models import load_model_and_tokenizer
-
-    kw = dict(cfg.model)
-    seed = int(kw.pop("seed", 0))
-    name = kw.pop("name_or_path", None)
-    return load_model_and_tokenizer(name, seed=seed, **({} if name else kw))[0]
-
-
-def lora_config(cfg: RunConfig):
-    from peft import LoraConfig
-
-    return LoraConfig(**cfg.lora)
-
-
-def device_batches(cfg: RunConfig, vocab_size: int) -> list[list[dict]]:
-    """Synthetic mini-batches of every device: {input_ids, labels, attention_mask}, each (B, s), tokens in
-    3..vocab_size-1."""
-    vocab = int(vocab_size)
-    out = []
-    for m in range(cfg.num_devices):
-        g = torch.Generator().manual_seed(cfg.data_seed * 1000 + m)
-        batches = []
-        for _ in range(cfg.batches_per_device):
-            ids = torch.randint(3, vocab, (cfg.batch_size, cfg.seq_len), generator=g)
-            mask = torch.ones_like(ids)
-            mask[1::2, cfg.seq_len // 2:] = 0
-            ids = ids.masked_fill(mask == 0, 0)
-            batches.append({"input_ids": ids, "labels": ids.masked_fill(mask == 0, -100), "attention_mask": mask})
-        out.append(batches)
-    return out
-
-
-def channel_rates(cfg: RunConfig):
-    """(state names (N, M), model rates (N, M) bit/s) of every device-round."""
-    import numpy as np
-
-    from .experiments import channel_states
-    from .hardware import CHANNEL_STATES, load_channel
-
-    idx = channel_states(cfg.link.condition, cfg.rounds, cfg.num_devices, seed=cfg.link.seed)
-    ch = load_channel()
-    names = np.array(CHANNEL_STATES)[idx]
-    return names, np.vectorize(ch.rate_bps)(names).astype(float)
-
-
-def cost_model(cfg: RunConfig, hf_config):
-    """(CARD's cost model, the trained model's profile): the cost model is that of this run's model and workload
-    on the data/hardware.yaml server, or of ``card_scenario``."""
-    from .hardware import load_server
-    from .profile import ATTN_TARGETS, MLP_TARGETS, profile_model
-    from .system import CostModel, Workload
-
-    targets = [t for t in cfg.lora.get("target_modules", ATTN_TARGETS) if t in ATTN_TARGETS + MLP_TARGETS]
-    wire = torch.empty(0, dtype=getattr(torch, cfg.train.wire_dtype)).element_size()
-    prof = profile_model(hf_config, batch_size=cfg.batch_size, seq_len=cfg.seq_len, granularity=cfg.train.granularity,
-                         lora_rank=int(cfg.lora.get("r", 8)), lora_targets=targets or ATTN_TARGETS,
-                         param_bytes=4, wire_bytes=wire)
-    if cfg.card_scenario is not None:
-        from .experiments import Scenario
-
-        return Scenario(**cfg.card_scenario).cost_model(), prof
-    return CostModel.from_profile(prof, load_server(), Workload(cfg.steps_per_round)), prof
-
-
-def decide_cut(cfg: RunConfig, model, n: int, m: int, flops_per_s: float, memory_bytes: float, rate_bps: float,
-               num_units: int) -> int:
-    """Cut layer (0..``num_units``) of device m in round n: the schedule, or CARD from the reported profile and
-    the channel rate. ``model`` is :func:`cost_model`'s CostModel. Infeasible (no cut fits): 0 (server-only)."""
-    if isinstance(cfg.cut, (list, tuple)):
-        return int(cfg.cut[n][m])
-    if not isinstance(cfg.cut, str):
-        return int(cfg.cut)
-    from .card import card
-
-    w = cfg.w if cfg.card_scenario is None else cfg.card_scenario.get("w", 0.1)
-    d = card(model, [flops_per_s], [rate_bps], [rate_bps], [memory_bytes], w, discrete=True)
-    return round(max(int(d.cut_layer[0]), 0) * num_units / model.n_cuts)
-
-
-def device_profile(cfg: RunConfig, m: int) -> tuple[float, float]:
-    """(FLOP/s, training memory bytes) device m reports: its data/hardware.yaml entry."""
-    from .hardware import load_device
-
-    d = load_device(cfg.devices[m])
-    return d.flops_per_s, d.training_memory_bytes
-
-
-def planned_cuts(cfg: RunConfig) -> list[list[int]]:
-    """Cut of every (round, device) when every device reports its configured profile."""
-    from .split import num_units
-
-    base = build_base_model(cfg)
-    cm, _ = cost_model(cfg, base.config)
-    _, rates = channel_rates(cfg)
-    L = num_units(base, cfg.train.granularity)
-    return [[decide_cut(cfg, cm, n, m, *device_profile(cfg, m), rates[n, m], L) for m in range(cfg.num_devices)]
-            for n in range(cfg.rounds)]
-
-
-def run_in_process(cfg: RunConfig, skip=()) -> SplitTrainer:
-    """The same run with the in-process :class:`SplitTrainer`; ``skip``: (round, device) turns left out."""
-    base = build_base_model(cfg)
-    trainer = SplitTrainer(base, lora_config(cfg), cfg.train)
-    data, cuts, I = device_batches(cfg, base.config.vocab_size), planned_cuts(cfg), cfg.steps_per_round
-    for n in range(cfg.rounds):
-        for m in range(cfg.num_devices):
-            if (n, m) in set(map(tuple, skip)):
-                continue
-            for i in range(I):
-                trainer.step(data[m][(n * I + i) % len(data[m])], m, cuts[n][m], n)
-    return trainer
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -348,173 +82,10 @@ def _test_kill(step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-# ============================================================================================ wire
-class Link:
-    """Tensor messages to one peer of a pair process group: header, then payload (paced when a rate is given)."""
-
-    def __init__(self, pg, peer: int, timeout_s: float, chunk_s: float = 0.005):
-        self.pg, self.peer, self.timeout_s, self.chunk_s = pg, peer, timeout_s, chunk_s
-
-    def _td(self, timeout_s=None):
-        return datetime.timedelta(seconds=self.timeout_s if timeout_s is None else timeout_s)
-
-    def send(self, t: torch.Tensor, key: int, rate_bps: float = 0.0) -> int:
-        """Send ``t`` (any dtype of ``DTYPES``, <= 5 dims); with ``rate_bps`` > 0 the payload leaves in chunks
-        paced to that rate. Returns the payload bytes."""
-        t = t.detach().to("cpu").contiguous()
-        if t.dim() > MAX_DIMS:
-            raise ValueError(f"tensor of {t.dim()} dims is invalid: must have at most {MAX_DIMS}")
-        flat = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
-        n = flat.numel()
-        chunk = n if rate_bps <= 0 else max(256, int(rate_bps / 8 * self.chunk_s))
-        dims = list(t.shape) + [0] * (MAX_DIMS - t.dim())
-        hdr = torch.tensor([MAGIC, DTYPES.index(t.dtype), t.dim(), *dims, key, max(chunk, 1)], dtype=torch.int64)
-        self.pg.send([hdr], self.peer, 0).wait(self._td())
-        t0 = time.perf_counter()
-        for off in range(0, n, max(chunk, 1)):
-            end = min(off + chunk, n)
-            if rate_bps > 0:
-                delay = t0 + 8.0 * end / rate_bps - time.perf_counter()
-                if delay > 0:
-                    time.sleep(delay)
-            self.pg.send([flat[off:end]], self.peer, 0).wait(self._td())
-        return n
-
-    def recv_header(self, timeout_s: float | None = None) -> tuple[list[int], float]:
-        """Wait for the next header; returns it (checked for magic, dtype code, ndim) and its arrival time."""
-        hdr = torch.empty(HEADER_LEN, dtype=torch.int64)
-        self.pg.recv([hdr], self.peer, 0).wait(self._td(timeout_s))
-        t0 = time.perf_counter()
-        h = hdr.tolist()
-        if h[0] != MAGIC or not 0 <= h[1] < len(DTYPES) or not 0 <= h[2] <= MAX_DIMS or any(d < 0 for d in h[3:8]):
-            raise ProtocolError(f"bad header {h}")
-        return h, t0
-
-    def recv_payload(self, h: list[int], t0: float, key: int, dtype=None, shape=None, max_bytes: int = 1 << 31,
-                     check=None, timeout_s: float | None = None):
-        """Receive the payload of header ``h`` after checking key, dtype, shape (exact tuple, or ``check(shape)``
-        raising) and size; returns (tensor, seconds from the header's arrival to the last payload byte)."""
-        dt, shp = DTYPES[h[1]], tuple(h[3:3 + h[2]])
-        if h[8] != key:
-            raise ProtocolError(f"message key {h[8]}: expected {key}")
-        if dtype is not None and dt != dtype:
-            raise ProtocolError(f"message key {key} has dtype {dt}: expected {dtype}")
-        if shape is not None and shp != tuple(shape):
-            raise ProtocolError(f"message key {key} has shape {shp}: expected {tuple(shape)}")
-        if check is not None:
-            check(shp)
-        numel = 1
-        for d in shp:
-            numel *= d
-        nbytes = numel * torch.empty(0, dtype=dt).element_size()
-        if nbytes > max_bytes:
-            raise ProtocolError(f"message key {key} of {nbytes} bytes exceeds the limit {max_bytes}")
-        buf = torch.empty(nbytes, dtype=torch.uint8)
-        chunk = max(int(h[9]), 1)
-        works = [self.pg.recv([buf[o:min(o + chunk, nbytes)]], self.peer, 0) for o in range(0, nbytes, chunk)]
-        deadline = t0 + (self.timeout_s if timeout_s is None else timeout_s)
-        for w in works:
-            w.wait(datetime.timedelta(seconds=max(deadline - time.perf_counter(), 0.001)))
-        seconds = time.perf_counter() - t0
-        return (buf.view(dt).reshape(shp) if numel else torch.empty(shp, dtype=dt)), seconds
-
-    def recv(self, key: int, dtype: torch.dtype | None = None, shape=None, timeout_s: float | None = None, **kw):
-        """:meth:`recv_header` + :meth:`recv_payload`: (tensor, seconds)."""
-        h, t0 = self.recv_header(timeout_s)
-        return self.recv_payload(h, t0, key, dtype, shape, **kw)
-
-
-def _name_key(name: str) -> int:
-    return zlib.crc32(name.encode()) + 1000  # above the fixed message keys
-
-
-def send_adapter(link: Link, payload: dict, rate_bps: float = 0.0) -> int:
-    """Send a :meth:`LoraNode.export` payload (values + AdamW state) as two messages: a manifest (n, 3) int64 of
-    [name key, dtype code, numel] and one uint8 blob of the tensors in that order. Returns the bytes sent."""
-    items = [(f"{n}/param", t) for n, t in sorted(payload["params"].items())]
-    items += [(f"{n}/{k}", payload["opt"][n][k]) for n in sorted(payload["opt"]) for k in ADAM_FIELDS
-              if k in payload["opt"][n]]
-    manifest = torch.tensor([[_name_key(n), DTYPES.index(t.dtype), t.numel()] for n, t in items],
-                            dtype=torch.int64).reshape(-1, 3)
-    blob = [t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8) for _, t in items]
-    blob = torch.cat(blob) if blob else torch.empty(0, dtype=torch.uint8)
-    return link.send(manifest, K_COUNT) + link.send(blob, K_ADAPTER, rate_bps)
-
-
-def recv_adapter(link: Link, expected: dict[str, torch.Tensor]) -> tuple[dict, int]:
-    """Receive an adapter payload holding exactly the names of ``expected`` (name -> parameter). The manifest is
-    checked before the blob is read: another name (e.g. a server-side one), a wrong size or dtype, a repeat,
-    a missing parameter or a partial optimiser state raise ProtocolError. Returns (payload, blob bytes)."""
-    allowed = {}
-    for n, p in expected.items():
-        for f_, shp, dt in (("param", p.shape, p.dtype), ("exp_avg", p.shape, p.dtype),
-                            ("exp_avg_sq", p.shape, p.dtype), ("step", (), torch.float32)):
-            allowed[_name_key(f"{n}/{f_}")] = (n, f_, tuple(shp), dt)
-    if len(allowed) != 4 * len(expected):
-        raise RuntimeError("adapter name hash collision")
-
-    def check(shp):
-        if len(shp) != 2 or shp[1] != 3 or shp[0] > len(allowed):
-            raise ProtocolError(f"adapter manifest of shape {shp}: expected (at most {len(allowed)}, 3)")
-
-    manifest, _ = link.recv(K_COUNT, torch.int64, check=check)
-    entries, seen, nbytes = [], set(), 0
-    for key, code, numel in manifest.tolist():
-        if key not in allowed or key in seen:
-            raise ProtocolError(f"adapter tensor with key {key} refused: not a device-side name of this cut "
-                                "(or sent twice)")
-        seen.add(key)
-        n, f_, shp, dt = allowed[key]
-        size = 1
-        for d in shp:
-            size *= d
-        if not 0 <= code < len(DTYPES) or DTYPES[code] != dt or numel != size:
-            raise ProtocolError(f"adapter tensor {n}/{f_}: dtype code {code}, {numel} elements; expected {dt}, "
-                                f"shape {shp}")
-        entries.append((n, f_, shp, dt, nbytes))
-        nbytes += size * torch.empty(0, dtype=dt).element_size()
-    if {n for n, f_, *_ in entries if f_ == "param"} != set(expected):
-        raise ProtocolError(f"adapter is missing {sorted(set(expected) - {e[0] for e in entries})[:3]}")
-    opt_fields: dict[str, set] = {}
-    for n, f_, *_ in entries:
-        if f_ != "param":
-            opt_fields.setdefault(n, set()).add(f_)
-    if any(v != set(ADAM_FIELDS) for v in opt_fields.values()):
-        raise ProtocolError("adapter optimiser state is incomplete")
-    blob, _ = link.recv(K_ADAPTER, torch.uint8, (nbytes,))
-    params, opt = {}, {}
-    for i, (n, f_, shp, dt, off) in enumerate(entries):
-        end = entries[i + 1][4] if i + 1 < len(entries) else nbytes
-        t = blob[off:end].view(dt).reshape(shp).clone()
-        if f_ == "param":
-            params[n] = t
-        else:
-            opt.setdefault(n, {})[f_] = t
-    return {"params": params, "opt": opt}, nbytes
-
-
-def pair_group(store, m: int, gen: int, rank: int, host: str, timeout_s: float):
-    """The size-2 gloo group of device m (generation ``gen``); ``rank`` 0 = server, 1 = device."""
-    import torch.distributed as dist
-
-    opts = dist.ProcessGroupGloo._Options()
-    opts._timeout = datetime.timedelta(seconds=timeout_s)
-    opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
-    return dist.ProcessGroupGloo(dist.PrefixStore(f"splitlora/pair/{m}/{gen}", store), rank, 2, opts)
-
-
-def _local_addr(server_addr: str) -> str:
-    """This host's address on the route to the server (a UDP connect sends nothing)."""
-    if server_addr in ("127.0.0.1", "localhost", "::1"):
-        return "127.0.0.1" if server_addr != "::1" else "::1"
-    fam = socket.AF_INET6 if ":" in server_addr else socket.AF_INET
-    with socket.socket(fam, socket.SOCK_DGRAM) as s:
-        s.connect((server_addr, 9))
-        return s.getsockname()[0]
-
 
 def _join_key(m: int) -> str:
     return f"splitlora/join/{m}"
+
 
 
 # ============================================================================================ roles

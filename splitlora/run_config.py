@@ -1,0 +1,281 @@
+"""One split-training run: its configuration and what it decides (docs/distributed.md).
+
+:class:`RunConfig` (with :class:`LinkConfig`, :class:`DistConfig`) is the file that drives both the in-process
+reference (:func:`run_in_process`) and the roles of :mod:`splitlora.distributed`. The functions here derive,
+deterministically from the configuration, what every process must agree on: the base model and LoRA
+configuration, each device's mini-batches, the channel state and rate of every device-round, CARD's cost model
+and the cut of every turn.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from ._validate import check_choice, check_int_range, check_positive
+from .training import SplitTrainConfig, SplitTrainer
+
+
+@dataclass(frozen=True)
+class LinkConfig:
+    """Channel states and their emulation.
+
+    condition: "Good", "Normal", "Poor" (fixed) or "Markov" (per-device chains of data/channel.yaml) ["Normal"].
+    seed: seed of the Markov chains [0]. emulate: pace every payload to the state's rate (rate limiter) [False].
+    rate_scale: multiplies the channel model's rate for the emulation and the logged prediction (< 1 slows the
+    link so transfers are measurable on a small model); CARD always sees the unscaled rate [1.0].
+    """
+
+    condition: str = "Normal"
+    seed: int = 0
+    emulate: bool = False
+    rate_scale: float = 1.0
+
+    def __post_init__(self):
+        check_choice("link.condition", self.condition, ("Good", "Normal", "Poor", "Markov"))
+        check_positive("link.rate_scale", self.rate_scale)
+
+
+@dataclass(frozen=True)
+class DistConfig:
+    """Where and how the roles talk (not part of the training fingerprint).
+
+    addr: address the server binds and devices connect to; loopback unless you name one ["127.0.0.1"].
+    port: TCP port of the server's store (not torchrun's rendezvous port) [29500].
+    timeout_s: longest wait for one message inside a turn (s) [60]. join_timeout_s: how long the server waits
+    for a failed device to rejoin before skipping it (s) [30]. startup_timeout_s: wait for a device's first join
+    (s) [300]. idle_timeout_s: a device's wait for its next turn (s) [3600]. retries: attempts after a failed
+    turn [1]. checkpoint_dir: folder of ``server.pt`` / ``device<m>.pt``, None = no checkpoints [None].
+    resume: load an existing checkpoint at start [True]. output_dir: where the server writes ``adapter.pt``,
+    ``logs.json``, ``events.json`` and the PEFT ``adapter/`` folder [None].
+    """
+
+    addr: str = "127.0.0.1"
+    port: int = 29500
+    timeout_s: float = 60.0
+    join_timeout_s: float = 30.0
+    startup_timeout_s: float = 300.0
+    idle_timeout_s: float = 3600.0
+    retries: int = 1
+    checkpoint_dir: str | None = None
+    resume: bool = True
+    output_dir: str | None = None
+
+    def __post_init__(self):
+        check_int_range("dist.port", self.port, 1, 65535)
+        for k in ("timeout_s", "join_timeout_s", "startup_timeout_s", "idle_timeout_s"):
+            check_positive(f"dist.{k}", getattr(self, k))
+        check_int_range("dist.retries", self.retries, 0, 1000)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One split-training run; the same file drives :func:`run_in_process` and the distributed roles.
+
+    model: ``tiny_llama_config`` keyword arguments plus ``seed``, or ``{"name_or_path": ..., "seed": ...}``.
+    lora: ``peft.LoraConfig`` keyword arguments. train: :class:`SplitTrainConfig` fields.
+    batch_size, seq_len: B sequences of s tokens per mini-batch. batches_per_device: synthetic mini-batches each
+    device holds (random tokens, seeded by ``data_seed`` and the device index; the second half of every second
+    row is padding). devices: device names of data/hardware.yaml, one per device rank (their reported profile).
+    rounds, steps_per_round: N rounds, I mini-batches per device per round. cut: "card" (CARD each round),
+    an int (fixed) or a list per round of a cut per device. w: CARD's delay weight. card_scenario: None (CARD
+    costs the trained model and workload) or :class:`~splitlora.experiments.Scenario` fields: CARD then decides
+    for that scenario's model (e.g. Llama-3.2-1B, L' units, ``w`` from the scenario) and the trained model gets
+    the cut round(c' L / L'), so a small model can stand in for the paper's. link: :class:`LinkConfig`.
+    dist: :class:`DistConfig`.
+    """
+
+    model: dict = field(default_factory=lambda: {"hidden_size": 32, "num_layers": 2, "seed": 0})
+    lora: dict = field(default_factory=lambda: {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0,
+                                                "target_modules": ["q_proj", "v_proj"]})
+    train: SplitTrainConfig = SplitTrainConfig()
+    batch_size: int = 2
+    seq_len: int = 16
+    batches_per_device: int = 4
+    data_seed: int = 0
+    devices: tuple = ("Device 3",)
+    rounds: int = 2
+    steps_per_round: int = 2
+    cut: object = "card"
+    w: float = 0.1
+    card_scenario: dict | None = None
+    link: LinkConfig = LinkConfig()
+    dist: DistConfig = DistConfig()
+
+    def __post_init__(self):
+        for k in ("batch_size", "seq_len", "batches_per_device", "rounds", "steps_per_round"):
+            check_int_range(k, getattr(self, k), 1, 10**9)
+        object.__setattr__(self, "devices", tuple(self.devices))
+        if not self.devices:
+            raise ValueError("devices=() is invalid: must name at least one device")
+        if isinstance(self.cut, str):
+            check_choice("cut", self.cut, ("card",))
+        elif isinstance(self.cut, (list, tuple)):
+            if len(self.cut) != self.rounds or any(len(r) != len(self.devices) for r in self.cut):
+                raise ValueError(f"cut={self.cut!r} is invalid: must be {self.rounds} rounds x {len(self.devices)} cuts")
+        else:
+            check_int_range("cut", self.cut, 0, 10**6)
+
+    @property
+    def num_devices(self) -> int:
+        return len(self.devices)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["devices"] = list(self.devices)
+        d["train"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in d["train"].items()}
+        return d
+
+    def fingerprint(self) -> int:
+        """63-bit hash of everything that decides the training (not ``dist``, not ``train.progress``)."""
+        d = self.to_dict()
+        d.pop("dist")
+        d["train"].pop("progress")
+        digest = hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).digest()
+        return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def config_from_dict(d: dict) -> RunConfig:
+    """Build a :class:`RunConfig` from a plain dict (YAML/JSON); unknown keys raise ValueError."""
+    d = dict(d)
+    known = {f.name for f in fields(RunConfig)}
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"config keys {sorted(unknown)} are invalid: must be among {sorted(known)}")
+    if "train" in d:
+        t = dict(d["train"])
+        if "betas" in t:
+            t["betas"] = tuple(t["betas"])
+        d["train"] = SplitTrainConfig(**t)
+    if "link" in d:
+        d["link"] = LinkConfig(**d["link"])
+    if "dist" in d:
+        d["dist"] = DistConfig(**d["dist"])
+    return RunConfig(**d)
+
+
+def load_config(path) -> RunConfig:
+    """Read a run configuration from a YAML or JSON file."""
+    import yaml
+
+    return config_from_dict(yaml.safe_load(Path(path).read_text()) or {})
+
+
+
+def build_base_model(cfg: RunConfig):
+    """The frozen base model: the offline tiny Llama (``tiny_llama_config(**model)``) or ``name_or_path``."""
+    from .models import load_model_and_tokenizer
+
+    kw = dict(cfg.model)
+    seed = int(kw.pop("seed", 0))
+    name = kw.pop("name_or_path", None)
+    return load_model_and_tokenizer(name, seed=seed, **({} if name else kw))[0]
+
+
+def lora_config(cfg: RunConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(**cfg.lora)
+
+
+def device_batches(cfg: RunConfig, vocab_size: int) -> list[list[dict]]:
+    """Synthetic mini-batches of every device: {input_ids, labels, attention_mask}, each (B, s), tokens in
+    3..vocab_size-1."""
+    vocab = int(vocab_size)
+    out = []
+    for m in range(cfg.num_devices):
+        g = torch.Generator().manual_seed(cfg.data_seed * 1000 + m)
+        batches = []
+        for _ in range(cfg.batches_per_device):
+            ids = torch.randint(3, vocab, (cfg.batch_size, cfg.seq_len), generator=g)
+            mask = torch.ones_like(ids)
+            mask[1::2, cfg.seq_len // 2:] = 0
+            ids = ids.masked_fill(mask == 0, 0)
+            batches.append({"input_ids": ids, "labels": ids.masked_fill(mask == 0, -100), "attention_mask": mask})
+        out.append(batches)
+    return out
+
+
+def channel_rates(cfg: RunConfig):
+    """(state names (N, M), model rates (N, M) bit/s) of every device-round."""
+    import numpy as np
+
+    from .experiments import channel_states
+    from .hardware import CHANNEL_STATES, load_channel
+
+    idx = channel_states(cfg.link.condition, cfg.rounds, cfg.num_devices, seed=cfg.link.seed)
+    ch = load_channel()
+    names = np.array(CHANNEL_STATES)[idx]
+    return names, np.vectorize(ch.rate_bps)(names).astype(float)
+
+
+def cost_model(cfg: RunConfig, hf_config):
+    """(CARD's cost model, the trained model's profile): the cost model is that of this run's model and workload
+    on the data/hardware.yaml server, or of ``card_scenario``."""
+    from .hardware import load_server
+    from .profile import ATTN_TARGETS, MLP_TARGETS, profile_model
+    from .system import CostModel, Workload
+
+    targets = [t for t in cfg.lora.get("target_modules", ATTN_TARGETS) if t in ATTN_TARGETS + MLP_TARGETS]
+    wire = torch.empty(0, dtype=getattr(torch, cfg.train.wire_dtype)).element_size()
+    prof = profile_model(hf_config, batch_size=cfg.batch_size, seq_len=cfg.seq_len, granularity=cfg.train.granularity,
+                         lora_rank=int(cfg.lora.get("r", 8)), lora_targets=targets or ATTN_TARGETS,
+                         param_bytes=4, wire_bytes=wire)
+    if cfg.card_scenario is not None:
+        from .experiments import Scenario
+
+        return Scenario(**cfg.card_scenario).cost_model(), prof
+    return CostModel.from_profile(prof, load_server(), Workload(cfg.steps_per_round)), prof
+
+
+def decide_cut(cfg: RunConfig, model, n: int, m: int, flops_per_s: float, memory_bytes: float, rate_bps: float,
+               num_units: int) -> int:
+    """Cut layer (0..``num_units``) of device m in round n: the schedule, or CARD from the reported profile and
+    the channel rate. ``model`` is :func:`cost_model`'s CostModel. Infeasible (no cut fits): 0 (server-only)."""
+    if isinstance(cfg.cut, (list, tuple)):
+        return int(cfg.cut[n][m])
+    if not isinstance(cfg.cut, str):
+        return int(cfg.cut)
+    from .card import card
+
+    w = cfg.w if cfg.card_scenario is None else cfg.card_scenario.get("w", 0.1)
+    d = card(model, [flops_per_s], [rate_bps], [rate_bps], [memory_bytes], w, discrete=True)
+    return round(max(int(d.cut_layer[0]), 0) * num_units / model.n_cuts)
+
+
+def device_profile(cfg: RunConfig, m: int) -> tuple[float, float]:
+    """(FLOP/s, training memory bytes) device m reports: its data/hardware.yaml entry."""
+    from .hardware import load_device
+
+    d = load_device(cfg.devices[m])
+    return d.flops_per_s, d.training_memory_bytes
+
+
+def planned_cuts(cfg: RunConfig) -> list[list[int]]:
+    """Cut of every (round, device) when every device reports its configured profile."""
+    from .split import num_units
+
+    base = build_base_model(cfg)
+    cm, _ = cost_model(cfg, base.config)
+    _, rates = channel_rates(cfg)
+    L = num_units(base, cfg.train.granularity)
+    return [[decide_cut(cfg, cm, n, m, *device_profile(cfg, m), rates[n, m], L) for m in range(cfg.num_devices)]
+            for n in range(cfg.rounds)]
+
+
+def run_in_process(cfg: RunConfig, skip=()) -> SplitTrainer:
+    """The same run with the in-process :class:`SplitTrainer`; ``skip``: (round, device) turns left out."""
+    base = build_base_model(cfg)
+    trainer = SplitTrainer(base, lora_config(cfg), cfg.train)
+    data, cuts, I = device_batches(cfg, base.config.vocab_size), planned_cuts(cfg), cfg.steps_per_round
+    for n in range(cfg.rounds):
+        for m in range(cfg.num_devices):
+            if (n, m) in set(map(tuple, skip)):
+                continue
+            for i in range(I):
+                trainer.step(data[m][(n * I + i) % len(data[m])], m, cuts[n][m], n)
+    return trainer
+
