@@ -34,7 +34,7 @@ def _env(args) -> int:
         backend = get_gpu_backend("auto")
         print(f"gpu backend  {type(backend).__name__} (NVML / Jetson usable)")
     except Exception as err:  # noqa: BLE001
-        print(f"gpu backend  none usable ({type(err).__name__}: {str(err)[:120]})")
+        print(f"gpu backend  none usable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else err!r})")
     return 0
 
 

@@ -394,7 +394,7 @@ def claims_table(scenario: Scenario = Scenario(), n_rounds: int = 200, seed: int
                      "paper": f"{paper:.1%}", "ours": f"{ours:.1%}",
                      "holds": "yes" if close else ("partly" if ours > 0 else "no"),
                      "reason": "" if close else
-                     f"benchmarks averaged: {', '.join(red['benchmarks_' + key.split('_')[0]])}; the paper's benchmark "
+                     f"benchmarks averaged: {'; '.join(red['benchmarks_' + key.split('_')[0]])}. The paper's benchmark "
                      "set, weights and hardware numbers are not available; see fig3 for each benchmark"})
     pipe = replace(scenario, schedule="pipelined")
     dec_p = optimal_decisions(pipe, "Normal", weights=(scenario.w,))
