@@ -56,9 +56,9 @@ from pathlib import Path
 import torch
 
 from ._validate import check_int_range
-from .run_config import (DistConfig, LinkConfig, RunConfig, build_base_model, channel_rates,  # noqa: F401
-                         config_from_dict, cost_model, decide_cut, device_batches, device_profile, load_config,
-                         lora_config, planned_cuts, run_in_process)
+from .run_config import (SYNTHETIC_GSM8K, DistConfig, LinkConfig, RunConfig, build_base_model,  # noqa: F401
+                         build_tokenizer, channel_rates, config_from_dict, cost_model, decide_cut, device_batches,
+                         device_profile, gsm8k_batches, load_config, lora_config, planned_cuts, run_in_process)
 from .training import LoraNode, StepLog, trainable_names  # noqa: F401
 from .wire import (ADAM_FIELDS, DTYPES, HEADER_LEN, K_ADAPTER, K_COUNT, K_CTRL, K_GRAD, K_HELLO,  # noqa: F401
                    K_HIDDEN, K_LABELS, K_LOSS, K_MASK, K_PROFILE, K_RATES, K_STATS, MAGIC, MAX_DIMS, Link,

@@ -18,6 +18,8 @@ import torch
 from ._validate import check_choice, check_int_range, check_positive
 from .training import SplitTrainConfig, SplitTrainer
 
+SYNTHETIC_GSM8K = "gsm8k:synthetic"  # RunConfig.data: the offline GSM8K-format default of splitlora.data
+
 
 @dataclass(frozen=True)
 class LinkConfig:
@@ -77,9 +79,12 @@ class RunConfig:
 
     model: ``tiny_llama_config`` keyword arguments plus ``seed``, or ``{"name_or_path": ..., "seed": ...}``.
     lora: ``peft.LoraConfig`` keyword arguments. train: :class:`SplitTrainConfig` fields.
-    batch_size, seq_len: B sequences of s tokens per mini-batch. batches_per_device: synthetic mini-batches each
-    device holds (random tokens, seeded by ``data_seed`` and the device index; the second half of every second
-    row is padding). devices: device names of data/hardware.yaml, one per device rank (their reported profile).
+    batch_size, seq_len: B sequences of s tokens per mini-batch. batches_per_device: mini-batches each device
+    holds. data: where they come from (:func:`device_batches`): None = random tokens seeded by ``data_seed`` and
+    the device index, the second half of every second row padding (the fast default); ``"gsm8k:synthetic"``
+    (:data:`SYNTHETIC_GSM8K`) = the package's offline GSM8K-format word problems (:func:`splitlora.data.load_gsm8k`
+    with ``seed=data_seed``); else a GSM8K-format ``.jsonl`` file or a folder with ``train.jsonl`` (the same
+    string on every host: it is part of the fingerprint) [None]. devices: device names of data/hardware.yaml, one per device rank (their reported profile).
     rounds, steps_per_round: N rounds, I mini-batches per device per round. cut: "card" (CARD each round),
     an int (fixed) or a list per round of a cut per device. w: CARD's delay weight. card_scenario: None (CARD
     costs the trained model and workload) or :class:`~splitlora.experiments.Scenario` fields: CARD then decides
@@ -96,6 +101,7 @@ class RunConfig:
     seq_len: int = 16
     batches_per_device: int = 4
     data_seed: int = 0
+    data: str | None = None
     devices: tuple = ("Device 3",)
     rounds: int = 2
     steps_per_round: int = 2
@@ -108,6 +114,9 @@ class RunConfig:
     def __post_init__(self):
         for k in ("batch_size", "seq_len", "batches_per_device", "rounds", "steps_per_round"):
             check_int_range(k, getattr(self, k), 1, 10**9)
+        if self.data is not None and (not isinstance(self.data, str) or not self.data.strip()):
+            raise ValueError(f"data={self.data!r} is invalid: must be None, {SYNTHETIC_GSM8K!r} or a GSM8K-format "
+                             "JSONL path")
         object.__setattr__(self, "devices", tuple(self.devices))
         if not self.devices:
             raise ValueError("devices=() is invalid: must name at least one device")
@@ -133,6 +142,8 @@ class RunConfig:
         """63-bit hash of everything that decides the training (not ``dist``, not ``train.progress``)."""
         d = self.to_dict()
         d.pop("dist")
+        if d["data"] is None:
+            d.pop("data")  # fingerprints of random-token runs are those from before the field existed
         d["train"].pop("progress")
         digest = hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).digest()
         return int.from_bytes(digest[:8], "little") & (2**63 - 1)
@@ -181,9 +192,47 @@ def lora_config(cfg: RunConfig):
     return LoraConfig(**cfg.lora)
 
 
+def build_tokenizer(cfg: RunConfig):
+    """The tokenizer of the base model: the offline byte tokenizer, or ``name_or_path``'s (pad = EOS if none)."""
+    name = cfg.model.get("name_or_path")
+    if name is None:
+        from .models import byte_tokenizer
+
+        return byte_tokenizer()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def gsm8k_batches(cfg: RunConfig, vocab_size: int, tokenizer=None) -> list[list[dict]]:
+    """Mini-batches of every device from GSM8K-format records (``cfg.data``): the first M x K x B records
+    (M devices, K = ``batches_per_device``, B = ``batch_size``) in file order, formatted and tokenised by
+    :func:`splitlora.data.tokenize_batches` (right padding to s = ``seq_len``, longer records truncated,
+    labels -100 on padding); device m holds mini-batches m K .. (m + 1) K - 1. Raises ValueError when the
+    source holds fewer records or a token id is not below ``vocab_size``."""
+    from .data import load_gsm8k, tokenize_batches
+
+    M, K, B = cfg.num_devices, cfg.batches_per_device, cfg.batch_size
+    source = None if cfg.data == SYNTHETIC_GSM8K else cfg.data
+    ds = load_gsm8k(source, limit=M * K * B, seed=cfg.data_seed)
+    if len(ds) < M * K * B:
+        raise ValueError(f"data={cfg.data!r} is invalid: holds {len(ds)} records, must hold {M * K * B} "
+                         f"({M} devices x {K} batches_per_device x {B} batch_size)")
+    batches = tokenize_batches(ds, tokenizer or build_tokenizer(cfg), B, cfg.seq_len)
+    top = max(int(b["input_ids"].max()) for b in batches)
+    if top >= vocab_size:
+        raise ValueError(f"data={cfg.data!r} is invalid for this model: token id {top} >= vocab_size {vocab_size}")
+    return [batches[m * K:(m + 1) * K] for m in range(M)]
+
+
 def device_batches(cfg: RunConfig, vocab_size: int) -> list[list[dict]]:
-    """Synthetic mini-batches of every device: {input_ids, labels, attention_mask}, each (B, s), tokens in
-    3..vocab_size-1."""
+    """Mini-batches of every device: {input_ids, labels, attention_mask}, each (B, s). ``cfg.data`` None: random
+    tokens in 3..vocab_size-1; else GSM8K-format records (:func:`gsm8k_batches`)."""
+    if cfg.data is not None:
+        return gsm8k_batches(cfg, vocab_size)
     vocab = int(vocab_size)
     out = []
     for m in range(cfg.num_devices):

@@ -263,6 +263,36 @@ def test_two_processes_equal_in_process_with_card(tmp_path):
     assert (Path(cfg["dist"]["output_dir"]) / "adapter" / "adapter_config.json").exists()
 
 
+def test_gsm8k_jsonl_data_two_processes_equal_in_process(tmp_path):
+    """``data``: a GSM8K-format JSONL file (written here) instead of random tokens. Every device's mini-batches
+    are its shard of the file's records, tokenised and right-padded to s; server + 1 device give the same losses
+    and adapter as SplitTrainer on the same batches."""
+    from splitlora.models import byte_tokenizer
+
+    s = 90  # the first records are padded, the last truncated
+    records = [{"question": f"Ann has {a} pens and buys {a + 1} more. How many?",
+                "answer": f"{a} + {a + 1} = <<{a}+{a + 1}={2 * a + 1}>>{2 * a + 1}\n#### {2 * a + 1}"}
+               for a in range(2, 11)]  # 9 records, 8 used (1 device x 4 batches x B = 2)
+    path = tmp_path / "gsm8k.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    cfg = base_config(tmp_path, data=str(path), seq_len=s)
+    rc = D.config_from_dict(cfg)
+    batches = D.device_batches(rc, 259)[0]
+    assert len(batches) == 4 and all(b["input_ids"].shape == (B, s) for b in batches)
+    first = byte_tokenizer().decode(batches[0]["input_ids"][0][batches[0]["attention_mask"][0] == 1])
+    assert first == "Question: " + records[0]["question"] + "\nAnswer: " + records[0]["answer"] + "</s>"
+    assert (batches[0]["labels"] == -100).any()  # short records are padded, padding is not trained on
+    assert rc.fingerprint() != D.config_from_dict(base_config(tmp_path, seq_len=s)).fingerprint()
+    with pytest.raises(ValueError, match="must hold 16"):
+        D.device_batches(D.config_from_dict(base_config(tmp_path, data=str(path), batches_per_device=8)), 259)
+    cl = Cluster(tmp_path, write_config(tmp_path, cfg), 2)
+    for r in range(2):
+        cl.start(r)
+    assert cl.wait() == {0: 0, 1: 0}, cl.logs()
+    logs, _ = assert_same_as_in_process(cfg)
+    assert [x["cut_layer"] for x in logs] == [1, 1, 3, 3]
+
+
 def test_three_processes_two_devices_emulated_link(tmp_path):
     """Server + 2 devices taking turns, cuts changing every turn (incl. device-only), bfloat16 wire, link
     emulated at each round's Markov channel state: same result as SplitTrainer; bytes = B s H x 2; measured
