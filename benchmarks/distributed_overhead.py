@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-USED_FILES = ["splitlora/distributed.py", "splitlora/training.py", "splitlora/split.py", "splitlora/models.py",
-              "benchmarks/distributed_overhead.py"]
+USED_FILES = ["splitlora/distributed.py", "splitlora/wire.py", "splitlora/run_config.py", "splitlora/training.py",
+              "splitlora/split.py", "splitlora/models.py", "benchmarks/distributed_overhead.py"]
 
 
 def _git_state() -> dict:

@@ -7,7 +7,8 @@ Flat public API (``import splitlora as sl``):
   :mod:`experiments` (one function per figure), :mod:`figures` (saving with provenance);
 - split fine-tuning: :mod:`split`, :mod:`training`, :mod:`data`, :mod:`models`, :mod:`measure`;
 - hardware: :mod:`gpu` (clock control and energy backends), :mod:`calibration`, :mod:`emulation`,
-  :mod:`emulated_run`; :mod:`distributed` (torch.distributed roles).
+  :mod:`emulated_run`; :mod:`distributed` (torch.distributed roles), :mod:`run_config` (its configuration file),
+  :mod:`wire` (tensor messages and the link rate limiter).
 
 Nothing runs at import time. The torch-based names are loaded on first use (module ``__getattr__``), so
 ``import splitlora`` stays light for the analytic notebooks.

@@ -172,7 +172,6 @@ class LoraNode:
         self.set_owned([])
 
 
-_Node = LoraNode  # former private name (tests/test_training.py patches it)
 
 
 def trainable_names(node: LoraNode, part: nn.Module) -> list[str]:

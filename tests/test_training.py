@@ -261,7 +261,7 @@ def test_equivalence_check_catches_a_lost_optimiser_state(monkeypatch):
     """The proof can fail: a hand-over that forgets AdamW's moments no longer matches peft training."""
     from splitlora import training
 
-    real_export = training._Node.export
+    real_export = training.LoraNode.export
 
     def export_without_opt(self, names):
         payload = real_export(self, names)
@@ -271,7 +271,7 @@ def test_equivalence_check_catches_a_lost_optimiser_state(monkeypatch):
     model, lora = tiny_model(), lora_config(True, 0.0)
     cfg = SplitTrainConfig(lr=1e-2)
     data = [make_batches(3, 1), make_batches(3, 2)]
-    monkeypatch.setattr(training._Node, "export", export_without_opt)
+    monkeypatch.setattr(training.LoraNode, "export", export_without_opt)
     trainer = SplitTrainer(model, lora, cfg)
     trainer.run(data, [[2, 2]] * 3, rounds=3)
     ref, _ = reference_training(model, lora, [data[m][n] for n in range(3) for m in range(2)], cfg)
