@@ -47,7 +47,7 @@ def test_discrete_clock_equals_brute_force_over_table(seed):
     assert _u_of_f(model, c, f_disc, P, Ru, Rd, t_ref, e_ref, w) == pytest.approx(min(u_table), rel=1e-12)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, derandomize=True)  # same examples in CI as here
 @given(seed=st.integers(0, 2**31 - 1), static_power=st.booleans(), schedule=st.sampled_from(["sequential", "pipelined"]))
 def test_card_matches_exhaustive_joint_search(seed, static_power, schedule):
     model, P, Ru, Rd, M, w = random_instance(seed, k=4, static_power=static_power, schedule=schedule)

@@ -30,7 +30,7 @@ def test_f_max_kept_when_off_grid():
     assert gpu.supported_clocks_mhz()[-2:] == [1000.0, 1050.0]
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=50, deadline=None, derandomize=True)
 @given(cycles=st.floats(1e3, 1e13), freq_hz=st.floats(210e6, 2535e6), p0=st.floats(0, 200))
 def test_energy_equals_model_formula(cycles, freq_hz, p0):
     gpu = make(static_power_w=p0)
