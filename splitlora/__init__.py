@@ -39,6 +39,8 @@ _LAZY = {
     "calibration": ("fit_energy_model", "sweep_clocks", "EnergyFit", "ClockSample"),
     "emulation": ("EmulatedDevice", "EmulatedChannel", "ServerClock", "DeviceMemoryError", "kappa_calibration"),
     "emulated_run": ("emulated_training", "emulation_summary"),
+    "distributed_report": ("resolve_run_config", "run_distributed_local", "compare_with_in_process",
+                           "transfer_accuracy"),
 }
 _WHERE = {name: mod for mod, names in _LAZY.items() for name in names}
 

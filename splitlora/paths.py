@@ -13,6 +13,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO_ROOT / "data"
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 BENCHMARK_RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+RUNS_DIR = DATA_DIR / "runs"  # shipped RunConfig files (splitlora.distributed_report.resolve_run_config)
 GSM8K_SHARED_DIR = REPO_ROOT.parent / "shared" / "data" / "gsm8k"  # tests only; never a package default
 
 
