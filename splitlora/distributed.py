@@ -34,9 +34,17 @@ at 8 bytes / rate after its header (rate = the round's channel-state rate x ``ra
 server logs bytes, the measured up-link time of the smashed data (receiver clock, header to last byte), the
 device's measured down-link time, and the model's 8 S / R.
 
-Limits: gloo only (an NCCL pair group is not implemented; tensors cross the wire from CPU memory); one
-server; a gloo recv that times out closes the pair, so a device waiting for its turn uses ``idle_timeout_s``;
-a server restart needs the same ``addr:port``.
+Devices and backends. Each rank computes on ``dist.device`` of its own host (:func:`compute_device`: CUDA when
+present with "auto"). In its hello a device says whether it can use NCCL (CUDA compute and an NCCL build of
+torch); the server picks the pair's payload transport with :func:`~splitlora.wire.choose_transport` from
+``dist.backend`` and tells the device: "nccl" adds a size-2 NCCL group, and smashed data, gradients and adapters
+then go GPU to GPU (headers stay on gloo); "gloo" sends them from CPU memory. A pair that cannot honour
+``backend: nccl`` (or another configuration fingerprint) is refused and the device exits with the reason
+(:class:`JoinRefused`).
+
+Limits: one server; a gloo recv that times out closes the pair, so a device waiting for its turn uses
+``idle_timeout_s``; a server restart needs the same ``addr:port``. The NCCL path is tested on CPU with a gloo
+group standing in for NCCL (``SPLITLORA_FAKE_NCCL``), not on GPUs: NCCL does not allow two ranks on one GPU.
 """
 from __future__ import annotations
 
@@ -57,15 +65,28 @@ import torch
 
 from ._validate import check_int_range
 from .run_config import (SYNTHETIC_GSM8K, DistConfig, LinkConfig, RunConfig, build_base_model,  # noqa: F401
-                         build_tokenizer, channel_rates, config_from_dict, cost_model, decide_cut, device_batches,
+                         build_tokenizer, channel_rates, compute_device, config_from_dict, cost_model, decide_cut,
+                         device_batches,
                          device_profile, gsm8k_batches, load_config, lora_config, planned_cuts, run_in_process)
 from .training import LoraNode, StepLog, trainable_names  # noqa: F401
-from .wire import (ADAM_FIELDS, DTYPES, HEADER_LEN, K_ADAPTER, K_COUNT, K_CTRL, K_GRAD, K_HELLO,  # noqa: F401
-                   K_HIDDEN, K_LABELS, K_LOSS, K_MASK, K_PROFILE, K_RATES, K_STATS, MAGIC, MAX_DIMS, Link,
-                   ProtocolError, _local_addr, pair_group, recv_adapter, send_adapter)
+from .wire import (ADAM_FIELDS, DTYPES, FAKE_NCCL_ENV, HEADER_LEN, K_ADAPTER, K_COUNT, K_CTRL, K_GRAD, K_HELLO,  # noqa: F401
+                   K_HIDDEN, K_LABELS, K_LOSS, K_MASK, K_PROFILE, K_RATES, K_STATS, K_TRANSPORT, MAGIC, MAX_DIMS,
+                   TRANSPORTS, Link, ProtocolError, _local_addr, choose_transport, nccl_capable, nccl_pair_group,
+                   pair_group, recv_adapter, send_adapter)
 
 CHECKPOINT_VERSION = 1
 TURN, STOP = 1, 2
+
+
+class JoinRefused(ValueError):
+    """The server refused this device: another configuration (fingerprint) or device index, or ``dist.backend:
+    nccl`` where one end cannot use NCCL. Not retried: the device process exits with the reason."""
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for the GPU work queued so far, so that a host clock reading after it includes that work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -123,7 +144,11 @@ class Server:
         torch.manual_seed(cfg.train.seed)  # as SplitTrainer: same LoRA initialisation
         model = get_peft_model(copy.deepcopy(base), lora_config(cfg))
         model.train()
-        self.node = LoraNode(model, cfg.train)
+        self.dev = compute_device(self.d)
+        self.nccl = nccl_capable(self.dev)
+        if self.d.backend == "nccl":
+            choose_transport("nccl", self.nccl, True)  # raises here, at start, if the server cannot
+        self.node = LoraNode(model.to(self.dev), cfg.train)
         self.node.set_owned(list(self.node.params))
         self.L = num_units(model, cfg.train.granularity)
         self.H = int(base.config.hidden_size)
@@ -137,6 +162,7 @@ class Server:
         self.events: list[dict] = []
         self.conns: dict[int, _Conn] = {}
         self.absent: set[int] = set()
+        self.refused: list[Link] = []
         self.seen: set[int] = set()
         self.tried: dict[int, int] = {}
         self.ckpt = Path(self.d.checkpoint_dir) / "server.pt" if self.d.checkpoint_dir else None
@@ -157,7 +183,7 @@ class Server:
                 "rng": torch.get_rng_state()}
 
     def load(self, path: Path) -> None:
-        st = torch.load(path, weights_only=True)
+        st = torch.load(path, weights_only=True, map_location="cpu")
         if st.get("version") != CHECKPOINT_VERSION or st.get("fingerprint") != self.cfg.fingerprint():
             raise ValueError(f"checkpoint {path} is invalid: made with another version or configuration")
         self.node.wipe()
@@ -169,7 +195,8 @@ class Server:
         self.event("resumed", path=str(path))
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
-        return {k: self.node.params[k].detach().clone() for k in self.node.owned}
+        """The whole LoRA adapter, name -> CPU tensor (between turns the server owns all of it)."""
+        return {k: self.node.params[k].detach().cpu().clone() for k in self.node.owned}
 
     # ---------------------------------------------------------------- connections
     def _connect(self, m: int, wait_s: float) -> _Conn | None:
@@ -190,27 +217,39 @@ class Server:
         try:
             pg = pair_group(self.store, m, gen, 0, self.d.addr, self.d.timeout_s)
             link = Link(pg, 1, self.d.timeout_s)
-            hello, _ = link.recv(K_HELLO, torch.int64, (4,))
+            hello, _ = link.recv(K_HELLO, torch.int64, (5,))
             profile, _ = link.recv(K_PROFILE, torch.float64, (2,))
+            idx, fp, last_step, _, device_nccl = hello.tolist()
+            reason = None
+            if idx != m or fp != self.cfg.fingerprint():
+                reason = (f"device index {idx} / configuration fingerprint {fp} do not match the server's "
+                          f"{m} / {self.cfg.fingerprint()}")
+            else:
+                try:
+                    transport = choose_transport(self.d.backend, self.nccl, bool(device_nccl))
+                except ValueError as err:
+                    reason = str(err)
+            if reason is not None:
+                link.send(torch.tensor([-1], dtype=torch.int64), K_TRANSPORT)
+                self.refused.append(link)  # closed at the end: closing now could cut the answer off
+                self.event("join_refused", device=m, reason=reason)
+                return None
+            link.send(torch.tensor([TRANSPORTS.index(transport)], dtype=torch.int64), K_TRANSPORT)
+            if transport == "nccl":
+                link = Link(pg, 1, self.d.timeout_s, payload_device=self.dev,
+                            payload_pg=nccl_pair_group(self.store, m, gen, 0, self.d.timeout_s, self.dev))
         except RuntimeError as err:
             self.event("join_failed", device=m, gen=gen, error=str(err)[:300])
             return None
-        idx, fp, last_step, _ = hello.tolist()
-        if idx != m or fp != self.cfg.fingerprint():
-            self.event("join_refused", device=m, reason=f"device index {idx} / fingerprint {fp} do not match")
-            return None
         self.conns[m] = _Conn(gen, pg, link, hello, tuple(profile.tolist()))
         self.absent.discard(m)
-        self.event("joined", device=m, gen=gen, device_last_step=last_step)
+        self.event("joined", device=m, gen=gen, device_last_step=last_step, transport=link.transport)
         return self.conns[m]
 
     def _drop(self, m: int) -> None:
         c = self.conns.pop(m, None)
         if c is not None:
-            try:
-                c.pg.abort()
-            except Exception:  # noqa: BLE001 - a broken group may refuse to abort; it is dropped anyway
-                pass
+            c.link.close()
 
     # ---------------------------------------------------------------- turns
     def _turn(self, c: _Conn, n: int, m: int, attempt: int) -> None:
@@ -249,13 +288,16 @@ class Server:
                 _test_kill(step)
                 labels, _ = link.recv(K_LABELS, torch.int64, hid.shape[:2])
                 am = link.recv(K_MASK, None, hid.shape[:2])[0] if cfg.train.send_attention_mask else None
-                x = hid.to(self.dtype).requires_grad_(bool(d_own))  # as SplitTrainer: no input grad at c = 0
+                # as SplitTrainer: no input grad at c = 0
+                x = hid.to(self.dev, self.dtype).requires_grad_(bool(d_own))
+                labels, am = labels.to(self.dev), (None if am is None else am.to(self.dev))
                 t1 = time.perf_counter()
                 logits = s_part(x, am)
                 loss = s_part.loss(logits, labels)
                 loss.backward()
                 node.opt.step()
                 node.opt.zero_grad(set_to_none=True)
+                _sync(self.dev)
                 log.server_time_s = time.perf_counter() - t1
                 log.loss = float(loss.detach())
                 log.smashed_bytes = hid.numel() * hid.element_size()
@@ -327,6 +369,8 @@ class Server:
                     pass
         self.write_outputs()
         time.sleep(0.5)  # let the devices read STOP before the store goes away
+        for link in self.refused:
+            link.close()
         return {"steps": self.global_step, "skipped": [e for e in self.events if e["event"] == "skipped"]}
 
     def write_outputs(self) -> None:
@@ -354,7 +398,11 @@ class Device:
         torch.manual_seed(cfg.train.seed)
         model = get_peft_model(copy.deepcopy(base), lora_config(cfg))
         model.train()
-        self.node = LoraNode(model, cfg.train)
+        self.dev = compute_device(self.d)
+        self.nccl = nccl_capable(self.dev)
+        if self.d.backend == "nccl":
+            choose_transport("nccl", True, self.nccl)  # raises here, at start, if this device cannot
+        self.node = LoraNode(model.to(self.dev), cfg.train)
         self.node.wipe()
         self.wire = wire_dtype_of(cfg.train.wire_dtype)
         self.data = device_batches(cfg, base.config.vocab_size)[m]
@@ -362,7 +410,7 @@ class Device:
         self.last_step, self.turns_done = -1, 0
         self.ckpt = Path(self.d.checkpoint_dir) / f"device{m}.pt" if self.d.checkpoint_dir else None
         if self.ckpt is not None and self.d.resume and self.ckpt.exists():
-            st = torch.load(self.ckpt, weights_only=True)
+            st = torch.load(self.ckpt, weights_only=True, map_location="cpu")
             if st.get("version") != CHECKPOINT_VERSION or st.get("fingerprint") != cfg.fingerprint() or st["device"] != m:
                 raise ValueError(f"checkpoint {self.ckpt} is invalid: another version, configuration or device")
             self.last_step, self.turns_done = int(st["last_step"]), int(st["turns_done"])
@@ -381,7 +429,7 @@ class Device:
         node.set_owned(d_own, incoming)
         stats = []
         for i in range(I):
-            b = self.data[(n * I + i) % len(self.data)]
+            b = {k: v.to(self.dev) for k, v in self.data[(n * I + i) % len(self.data)].items()}
             am = b["attention_mask"] if cfg.train.send_attention_mask else None
             t0, t_down, t_wait = time.perf_counter(), 0.0, 0.0
             h = d_part(b["input_ids"], am)
@@ -400,15 +448,18 @@ class Device:
                 if h.requires_grad:
                     g, t_down = link.recv(K_GRAD, self.wire, h.shape)
                     t_wait = time.perf_counter() - tw
-                    h.backward(g.to(h.dtype))
+                    h.backward(g.to(h.device, h.dtype))
                 else:
                     t_wait = time.perf_counter() - tw
             node.opt.step()
             node.opt.zero_grad(set_to_none=True)
+            _sync(self.dev)
             stats.append([t_down, time.perf_counter() - t0 - t_wait])
         link.send(torch.tensor(stats, dtype=torch.float64), K_STATS)
         payload = node.export(d_own)
         send_adapter(link, payload, pace_up)
+        payload = {"params": {k: v.cpu() for k, v in payload["params"].items()},
+                   "opt": {k: {f: v.cpu() for f, v in st.items()} for k, st in payload["opt"].items()}}
         node.wipe()
         self.last_step, self.turns_done = step0 + I - 1, self.turns_done + 1
         if self.ckpt is not None:
@@ -424,15 +475,24 @@ class Device:
         host = _local_addr(self.d.addr)
         last_ok = time.monotonic()
         while time.monotonic() - last_ok < self.d.join_timeout_s + self.d.startup_timeout_s:
-            pg = None
+            pg = link = None
             try:
                 store = dist.TCPStore(self.d.addr, self.d.port, None, False,
                                       datetime.timedelta(seconds=self.d.startup_timeout_s), wait_for_workers=False)
                 gen = store.add(_join_key(self.m), 1)
                 pg = pair_group(store, self.m, gen, 1, host, self.d.idle_timeout_s)
                 link = Link(pg, 0, self.d.timeout_s)
-                link.send(torch.tensor([self.m, self.cfg.fingerprint(), self.last_step, gen], dtype=torch.int64), K_HELLO)
+                link.send(torch.tensor([self.m, self.cfg.fingerprint(), self.last_step, gen, int(self.nccl)],
+                                       dtype=torch.int64), K_HELLO)
                 link.send(torch.tensor(self.profile, dtype=torch.float64), K_PROFILE)
+                code = int(link.recv(K_TRANSPORT, torch.int64, (1,))[0][0])
+                if code not in (0, 1):
+                    raise JoinRefused(f"device {self.m}: the server at {self.d.addr}:{self.d.port} refused this "
+                                      "device (see its join_refused event): another configuration file or device "
+                                      f"index, or dist.backend={self.d.backend!r} where an end cannot use NCCL")
+                if TRANSPORTS[code] == "nccl":
+                    link = Link(pg, 0, self.d.timeout_s, payload_device=self.dev,
+                                payload_pg=nccl_pair_group(store, self.m, gen, 1, self.d.timeout_s, self.dev))
                 while True:
                     ctrl, _ = link.recv(K_CTRL, torch.int64, (5,), timeout_s=self.d.idle_timeout_s)
                     last_ok = time.monotonic()
@@ -445,7 +505,9 @@ class Device:
             except RuntimeError as err:  # server gone, pair closed, timeout, protocol error: rejoin
                 print(f"[splitlora device {self.m}] {str(err)[:200]}; rejoining", file=sys.stderr, flush=True)
                 self.node.wipe()
-                if pg is not None:
+                if link is not None:
+                    link.close()
+                elif pg is not None:
                     try:
                         pg.abort()
                     except Exception:  # noqa: BLE001

@@ -53,6 +53,12 @@ class DistConfig:
     turn [1]. checkpoint_dir: folder of ``server.pt`` / ``device<m>.pt``, None = no checkpoints [None].
     resume: load an existing checkpoint at start [True]. output_dir: where the server writes ``adapter.pt``,
     ``logs.json``, ``events.json`` and the PEFT ``adapter/`` folder [None].
+    device: where each rank computes: "cpu", "cuda" (``cuda:$LOCAL_RANK``, modulo the visible GPUs) or "auto"
+    (CUDA when this host has it) ["auto"]; read by every rank on its own host (:func:`compute_device`).
+    backend: payload transport between the server and a device: "gloo" (from CPU memory), "nccl" (GPU to GPU;
+    both ends must compute on CUDA with an NCCL build of torch, else the device is refused) or "auto" (NCCL
+    where both ends can, gloo otherwise) ["auto"]. Headers and control messages always use gloo
+    (:func:`splitlora.wire.choose_transport`).
     """
 
     addr: str = "127.0.0.1"
@@ -65,9 +71,13 @@ class DistConfig:
     checkpoint_dir: str | None = None
     resume: bool = True
     output_dir: str | None = None
+    device: str = "auto"
+    backend: str = "auto"
 
     def __post_init__(self):
         check_int_range("dist.port", self.port, 1, 65535)
+        check_choice("dist.device", self.device, ("auto", "cpu", "cuda"))
+        check_choice("dist.backend", self.backend, ("auto", "gloo", "nccl"))
         for k in ("timeout_s", "join_timeout_s", "startup_timeout_s", "idle_timeout_s"):
             check_positive(f"dist.{k}", getattr(self, k))
         check_int_range("dist.retries", self.retries, 0, 1000)
@@ -174,6 +184,19 @@ def load_config(path) -> RunConfig:
 
     return config_from_dict(yaml.safe_load(Path(path).read_text()) or {})
 
+
+
+def compute_device(d: DistConfig) -> torch.device:
+    """This rank's compute device for ``d.device``: cpu; ``cuda:<LOCAL_RANK mod visible GPUs>`` for "cuda" (and for
+    "auto" when CUDA is available). Raises ValueError for ``device: cuda`` on a host without CUDA."""
+    import os
+
+    if d.device == "cpu" or (d.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("dist.device='cuda' is invalid on this host: torch sees no CUDA device; must be 'cpu' or "
+                         "'auto'")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
 
 
 def build_base_model(cfg: RunConfig):

@@ -132,8 +132,9 @@ class LoraNode:
         opt = torch.optim.AdamW(ps or [nn.Parameter(torch.zeros(0))], lr=self.cfg.lr, betas=self.cfg.betas,
                                 eps=self.cfg.eps, weight_decay=self.cfg.weight_decay)
         for n in self.owned:
-            if n in state:
-                opt.state[self.params[n]] = {k: v.clone() for k, v in state[n].items()}
+            if n in state:  # moments next to their parameter; AdamW keeps its "step" counter on the CPU
+                p = self.params[n]
+                opt.state[p] = {k: v.to("cpu" if k == "step" else p.device).clone() for k, v in state[n].items()}
         return opt
 
     def opt_state(self) -> dict[str, dict]:

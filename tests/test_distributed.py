@@ -64,17 +64,20 @@ class Cluster:
         self.procs: dict[int, subprocess.Popen] = {}
         self.lives: dict[int, int] = {}
 
-    def start(self, rank: int, kill_at: int | None = None) -> None:
+    def start(self, rank: int, kill_at: int | None = None, env: dict | None = None, cfg_path: Path | None = None) -> None:
+        extra = env or {}
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(self.world), "PYTHONWARNINGS": "ignore",
                "OMP_NUM_THREADS": "1"}  # 2-3 processes on 2 cores: no oversubscribed thread pools
         env.pop("SPLITLORA_TEST_KILL_AT", None)
+        env.pop(D.FAKE_NCCL_ENV, None)
+        env.update(extra)
         if kill_at is not None:
             env["SPLITLORA_TEST_KILL_AT"] = str(kill_at)
         life = self.lives.get(rank, 0)
         self.lives[rank] = life + 1
         log = open(self.tmp / f"rank{rank}.{life}.log", "w")
         self.procs[rank] = subprocess.Popen(
-            [*self.prefix, sys.executable, "-m", "splitlora.distributed", "--config", str(self.cfg_path)],
+            [*self.prefix, sys.executable, "-m", "splitlora.distributed", "--config", str(cfg_path or self.cfg_path)],
             env=env, stdout=log, stderr=subprocess.STDOUT, cwd=Path(D.__file__).resolve().parents[1])
 
     def logs(self) -> str:
@@ -313,6 +316,110 @@ def test_three_processes_two_devices_emulated_link(tmp_path):
     for x in sent:
         assert abs(x["t_up_s"] / x["pred_up_s"] - 1) < 0.10, x
         assert abs(x["t_down_s"] / x["pred_down_s"] - 1) < 0.10, x
+
+
+# ============================================================================== payload transport (NCCL path)
+def test_choose_transport_device_and_backend_validation(monkeypatch):
+    monkeypatch.delenv(D.FAKE_NCCL_ENV, raising=False)
+    assert D.choose_transport("auto", True, True) == "nccl"
+    assert D.choose_transport("auto", True, False) == D.choose_transport("auto", False, True) == "gloo"
+    assert D.choose_transport("gloo", True, True) == "gloo"
+    assert D.choose_transport("nccl", True, True) == "nccl"
+    with pytest.raises(ValueError, match=r"dist.backend='nccl' is invalid for this pair: the device cannot"):
+        D.choose_transport("nccl", True, False)
+    with pytest.raises(ValueError, match="the server and device cannot"):
+        D.choose_transport("nccl", False, False)
+    with pytest.raises(ValueError, match=r"dist.backend='mpi' is invalid: must be one of"):
+        D.choose_transport("mpi", True, True)
+    with pytest.raises(ValueError, match=r"dist.backend='mpi' is invalid"):
+        D.DistConfig(backend="mpi")
+    with pytest.raises(ValueError, match=r"dist.device='tpu' is invalid"):
+        D.DistConfig(device="tpu")
+    assert D.compute_device(D.DistConfig(device="cpu")) == torch.device("cpu")
+    assert not D.nccl_capable("cpu")
+    monkeypatch.setenv(D.FAKE_NCCL_ENV, "1")
+    assert D.nccl_capable("cpu")
+    if not torch.cuda.is_available():
+        assert D.compute_device(D.DistConfig()) == torch.device("cpu")  # "auto"
+        with pytest.raises(ValueError, match=r"dist.device='cuda' is invalid on this host"):
+            D.compute_device(D.DistConfig(device="cuda"))
+
+
+@pytest.mark.skipif(torch.distributed.is_nccl_available() and torch.cuda.is_available(), reason="host has NCCL")
+def test_backend_nccl_fails_at_start_on_a_host_without_it(tmp_path, monkeypatch):
+    monkeypatch.delenv(D.FAKE_NCCL_ENV, raising=False)
+    cfg = D.config_from_dict(base_config(tmp_path, dist={"backend": "nccl"}))
+    with pytest.raises(ValueError, match="the server cannot use NCCL"):
+        D.Server(cfg)
+    with pytest.raises(ValueError, match="the device cannot use NCCL"):
+        D.Device(cfg, 0)
+
+
+def test_payloads_travel_on_the_payload_group(monkeypatch):
+    """The NCCL path's two groups (headers on gloo, payloads on a second group; here a gloo stand-in): the payload
+    arrives on the payload group, and a receiver looking for it on the header group never gets it."""
+    import torch.distributed as dist
+
+    monkeypatch.setenv(D.FAKE_NCCL_ENV, "1")
+    store, made = dist.HashStore(), {}
+
+    def make(r):
+        made[r] = (D.pair_group(store, 0, 1, r, "127.0.0.1", 1.5), D.nccl_pair_group(store, 0, 1, r, 1.5, "cpu"))
+
+    ts = [threading.Thread(target=make, args=(r,)) for r in (0, 1)]
+    [t.start() for t in ts]
+    [t.join(30) for t in ts]
+    (c0, p0), (c1, p1) = made[0], made[1]
+    a, b = D.Link(c0, 1, 1.5, payload_pg=p0), D.Link(c1, 0, 1.5, payload_pg=p1)
+    assert (a.transport, D.Link(c0, 1, 1.5).transport) == ("nccl", "gloo")
+    t = torch.randn(2, 3, 4).to(torch.bfloat16)
+    with cf.ThreadPoolExecutor(1) as ex:
+        fut = ex.submit(a.send, t, D.K_HIDDEN, 2e5)  # paced: 48 bytes in chunks
+        got, _ = b.recv(D.K_HIDDEN, t.dtype, (2, 3, 4))
+        assert fut.result(10) == 48 and torch.equal(got, t)
+        fut = ex.submit(a.send, t, D.K_HIDDEN)
+        with pytest.raises(RuntimeError):  # header arrives, payload is not on the header group: times out
+            D.Link(c1, 0, 1.5).recv(D.K_HIDDEN, t.dtype, (2, 3, 4))
+        try:  # the timeout closed the groups: the sender may or may not have finished before that
+            fut.result(10)
+        except RuntimeError:
+            pass
+
+
+def test_nccl_path_with_a_gloo_stand_in_equals_in_process(tmp_path):
+    """backend: nccl with SPLITLORA_FAKE_NCCL (every rank "capable", a second gloo group in place of NCCL): the pair
+    negotiates the two-group transport, and losses and adapter equal the in-process run."""
+    cfg = base_config(tmp_path, dist={"backend": "nccl"}, train={"wire_dtype": "bfloat16"})
+    cl = Cluster(tmp_path, write_config(tmp_path, cfg), 2)
+    for r in range(2):
+        cl.start(r, env={D.FAKE_NCCL_ENV: "1"})
+    assert cl.wait() == {0: 0, 1: 0}, cl.logs()
+    assert_same_as_in_process(cfg)
+    joined = [e for e in results(cfg)[2] if e["event"] == "joined"]
+    assert [e["transport"] for e in joined] == ["nccl"]
+
+
+def test_device_that_cannot_use_nccl_is_refused(tmp_path):
+    """Server with backend: nccl (capable through the stand-in); a device whose host cannot use NCCL joins with
+    backend: auto (``dist`` is not part of the fingerprint): the server refuses it with the reason and skips its
+    turns, the device exits with that reason, nothing is trained."""
+    cfg = base_config(tmp_path, dist={"backend": "nccl"})
+    dev_cfg = tmp_path / "device.json"
+    dev_cfg.write_text(json.dumps({**cfg, "dist": {**cfg["dist"], "backend": "auto"}}))
+    cl = Cluster(tmp_path, write_config(tmp_path, cfg), 2)
+    cl.start(0, env={D.FAKE_NCCL_ENV: "1"})
+    cl.start(1, cfg_path=dev_cfg)
+    codes = cl.wait()
+    assert codes[0] == 0 and codes[1] != 0, cl.logs()
+    assert "refused this device" in cl.logs()
+    adapter, logs, events = results(cfg)
+    refused = [e for e in events if e["event"] == "join_refused"]
+    assert refused and "the device cannot use NCCL" in refused[0]["reason"]
+    assert logs == [] and [e["round"] for e in events if e["event"] == "skipped"] == [0, 1]
+    init = D.Server(D.config_from_dict({**cfg, "dist": {**cfg["dist"], "backend": "gloo",
+                                                        "checkpoint_dir": None}})).adapter_state()
+    for k in init:
+        torch.testing.assert_close(adapter[k], init[k], rtol=0, atol=0)
 
 
 NS_IP = ("10.231.77.1", "10.231.77.2")
