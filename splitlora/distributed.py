@@ -49,6 +49,7 @@ group standing in for NCCL (``SPLITLORA_FAKE_NCCL``), not on GPUs: NCCL does not
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import json
@@ -535,23 +536,36 @@ def _override(cfg: RunConfig, args) -> RunConfig:
     return replace(cfg, dist=replace(cfg.dist, **kw)) if kw else cfg
 
 
-def launch_local(config_path, *, extra_env: dict | None = None, timeout_s: float = 3600, args=()) -> list[int]:
-    """Start the server and every device of ``config_path`` as processes on this host; wait; exit codes."""
+def launch_local(config_path, *, extra_env: dict | None = None, timeout_s: float = 3600, args=(),
+                 log_path=None) -> list[int]:
+    """Start the server and every device of ``config_path`` as processes on this host and wait for them.
+
+    Args:
+        config_path: the run configuration (YAML/JSON). extra_env: added to each process's environment.
+        timeout_s: the longest the whole run may take (s); then the processes still running are killed.
+        args: extra command-line arguments of every process (``--addr=...``). log_path: file that receives the
+            processes' stdout and stderr (appended), or None for this process's own.
+    Returns: exit codes, server first (-9 for a process killed at the timeout).
+    Raises: ValueError for an invalid configuration (:func:`load_config`).
+    """
     cfg = load_config(config_path)
     world = cfg.num_devices + 1
     procs = []
-    for r in range(world):
-        env = {**os.environ, "RANK": str(r), "WORLD_SIZE": str(world), **(extra_env or {})}
-        procs.append(subprocess.Popen([sys.executable, "-m", "splitlora.distributed", "--config", str(config_path),
-                                       *args], env=env))
-    deadline = time.monotonic() + timeout_s
-    codes = []
-    for p in procs:
-        try:
-            codes.append(p.wait(timeout=max(deadline - time.monotonic(), 1)))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            codes.append(p.wait())
+    with contextlib.ExitStack() as stack:
+        out = None if log_path is None else stack.enter_context(open(log_path, "ab"))
+        for r in range(world):
+            env = {**os.environ, "RANK": str(r), "WORLD_SIZE": str(world), **(extra_env or {})}
+            procs.append(subprocess.Popen([sys.executable, "-m", "splitlora.distributed", "--config",
+                                           str(config_path), *args], env=env, stdout=out,
+                                          stderr=None if out is None else subprocess.STDOUT))
+        deadline = time.monotonic() + timeout_s
+        codes = []
+        for p in procs:
+            try:
+                codes.append(p.wait(timeout=max(deadline - time.monotonic(), 1)))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                codes.append(p.wait())
     return codes
 
 

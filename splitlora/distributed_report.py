@@ -14,11 +14,9 @@ a test) and puts the two side by side, one row per mini-batch:
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import socket
-import sys
 import tempfile
 import time
 from dataclasses import fields
@@ -152,25 +150,6 @@ def free_port(addr: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-@contextlib.contextmanager
-def _output_to(path: Path):
-    """Send this process's file descriptors 1 and 2 (so the output of the subprocesses it starts) to ``path``."""
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    saved = [os.dup(1), os.dup(2)]
-    try:
-        with open(path, "ab") as f:
-            os.dup2(f.fileno(), 1)
-            os.dup2(f.fileno(), 2)
-        yield
-    finally:
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for fd in saved:
-            os.close(fd)
-
-
 def run_distributed_local(config, overrides: dict | None = None, workdir=None, timeout_s: float = 300.0):
     """Run ``config`` as a distributed job on this host: the server and every device as processes on 127.0.0.1.
 
@@ -222,8 +201,7 @@ def run_distributed_local(config, overrides: dict | None = None, workdir=None, t
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     log = work / "processes.log"
     t0 = time.perf_counter()
-    with _output_to(log):
-        codes = launch_local(path, extra_env=PROCESS_ENV, timeout_s=timeout_s)
+    codes = launch_local(path, extra_env=PROCESS_ENV, timeout_s=timeout_s, log_path=log)
     wall = time.perf_counter() - t0
     if any(codes) or not (out / "logs.json").exists():
         tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
