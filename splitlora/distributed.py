@@ -70,8 +70,8 @@ from .run_config import (SYNTHETIC_GSM8K, DistConfig, LinkConfig, RunConfig, bui
                          device_batches,
                          device_profile, gsm8k_batches, load_config, lora_config, planned_cuts, run_in_process)
 from .training import LoraNode, StepLog, trainable_names  # noqa: F401
-from .wire import (ADAM_FIELDS, DTYPES, FAKE_NCCL_ENV, HEADER_LEN, K_ADAPTER, K_COUNT, K_CTRL, K_GRAD, K_HELLO,  # noqa: F401
-                   K_HIDDEN, K_LABELS, K_LOSS, K_MASK, K_PROFILE, K_RATES, K_STATS, K_TRANSPORT, MAGIC, MAX_DIMS,
+from .wire import (ADAM_FIELDS, DTYPES, FAKE_NCCL_ENV, HEADER_LEN, K_ADAPTER, K_COUNT, K_CTRL,  # noqa: F401
+                   K_GRAD, K_HELLO, K_HIDDEN, K_LABELS, K_LOSS, K_MASK, K_PROFILE, K_RATES, K_STATS, K_TRANSPORT, MAGIC, MAX_DIMS,
                    TRANSPORTS, Link, ProtocolError, _local_addr, choose_transport, nccl_capable, nccl_pair_group,
                    pair_group, recv_adapter, send_adapter)
 
@@ -554,7 +554,8 @@ def launch_local(config_path, *, extra_env: dict | None = None, timeout_s: float
     with contextlib.ExitStack() as stack:
         out = None if log_path is None else stack.enter_context(open(log_path, "ab"))
         for r in range(world):
-            env = {**os.environ, "RANK": str(r), "WORLD_SIZE": str(world), **(extra_env or {})}
+            env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
+                   **(extra_env or {})}
             procs.append(subprocess.Popen([sys.executable, "-m", "splitlora.distributed", "--config",
                                            str(config_path), *args], env=env, stdout=out,
                                           stderr=None if out is None else subprocess.STDOUT))
