@@ -4,9 +4,9 @@ Every message is an int64 header tensor ``[magic, dtype code, ndim, d0..d4, key,
 payload bytes (uint8, possibly in chunks); the receiver checks magic, dtype, shape and key before receiving the
 payload. Nothing is pickled. Headers always travel on a gloo pair group from CPU memory; payloads travel on the
 same group, or, when both ends compute on CUDA and have NCCL (transport ``"nccl"``, :func:`choose_transport`),
-on a second, NCCL pair group straight from GPU memory (:func:`nccl_pair_group`). An adapter hand-over (LoRA values + AdamW state) is a manifest of
-``[name key, dtype code, numel]`` rows and one blob; the receiver accepts only the names, dtypes and sizes it
-expects.
+on a second, NCCL pair group straight from GPU memory (:func:`nccl_pair_group`). An adapter hand-over (LoRA
+values + AdamW state) is a manifest of ``[name key, dtype code, numel]`` rows and one blob; the receiver accepts
+only the names, dtypes and sizes it expects.
 
 Link emulation (a): with a rate every payload is sent in chunks paced so that its last byte leaves at
 8 bytes / rate after its header (the rate limiter of :meth:`Link.send`).
@@ -86,12 +86,12 @@ class Link:
         t = t.detach().to(self.payload_device).contiguous()
         if t.dim() > MAX_DIMS:
             raise ValueError(f"tensor of {t.dim()} dims is invalid: must have at most {MAX_DIMS}")
+        if t.dtype not in DTYPES:
+            raise ValueError(f"dtype={t.dtype} is invalid: must be one of {DTYPES}")
         flat = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8, device=t.device)
         n = flat.numel()
         chunk = n if rate_bps <= 0 else max(256, int(rate_bps / 8 * self.chunk_s))
         dims = list(t.shape) + [0] * (MAX_DIMS - t.dim())
-        if t.dtype not in DTYPES:
-            raise ValueError(f"dtype={t.dtype} is invalid: must be one of {DTYPES}")
         hdr = torch.tensor([MAGIC, DTYPES.index(t.dtype), t.dim(), *dims, key, max(chunk, 1)], dtype=torch.int64)
         self.pg.send([hdr], self.peer, 0).wait(self._td())
         t0 = time.perf_counter()
@@ -225,10 +225,16 @@ def pair_group(store, m: int, gen: int, rank: int, host: str, timeout_s: float):
     """The size-2 gloo group of device m (generation ``gen``); ``rank`` 0 = server, 1 = device."""
     import torch.distributed as dist
 
+    return _gloo_pair(dist.PrefixStore(f"splitlora/pair/{m}/{gen}", store), rank, host, timeout_s)
+
+
+def _gloo_pair(prefix_store, rank: int, host: str, timeout_s: float):
+    import torch.distributed as dist
+
     opts = dist.ProcessGroupGloo._Options()
     opts._timeout = datetime.timedelta(seconds=timeout_s)
     opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
-    return dist.ProcessGroupGloo(dist.PrefixStore(f"splitlora/pair/{m}/{gen}", store), rank, 2, opts)
+    return dist.ProcessGroupGloo(prefix_store, rank, 2, opts)
 
 
 def nccl_capable(device) -> bool:
@@ -266,10 +272,7 @@ def nccl_pair_group(store, m: int, gen: int, rank: int, timeout_s: float, device
 
     prefix = dist.PrefixStore(f"splitlora/pair/{m}/{gen}/payload", store)
     if os.environ.get(FAKE_NCCL_ENV) == "1":
-        opts = dist.ProcessGroupGloo._Options()
-        opts._timeout = datetime.timedelta(seconds=timeout_s)
-        opts._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
-        return dist.ProcessGroupGloo(prefix, rank, 2, opts)
+        return _gloo_pair(prefix, rank, "127.0.0.1", timeout_s)
     os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
     torch.cuda.set_device(torch.device(device))
     opts = dist.ProcessGroupNCCL.Options()
