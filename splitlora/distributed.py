@@ -67,13 +67,13 @@ import torch
 from ._validate import check_int_range
 from .run_config import (SYNTHETIC_GSM8K, DistConfig, LinkConfig, RunConfig, build_base_model,  # noqa: F401
                          build_tokenizer, channel_rates, compute_device, config_from_dict, cost_model, decide_cut,
-                         device_batches,
-                         device_profile, gsm8k_batches, load_config, lora_config, planned_cuts, run_in_process)
+                         device_batches, device_profile, gsm8k_batches, load_config, lora_config, planned_cuts,
+                         run_in_process)
 from .training import LoraNode, StepLog, trainable_names  # noqa: F401
 from .wire import (ADAM_FIELDS, DTYPES, FAKE_NCCL_ENV, HEADER_LEN, K_ADAPTER, K_COUNT, K_CTRL,  # noqa: F401
-                   K_GRAD, K_HELLO, K_HIDDEN, K_LABELS, K_LOSS, K_MASK, K_PROFILE, K_RATES, K_STATS, K_TRANSPORT, MAGIC, MAX_DIMS,
-                   TRANSPORTS, Link, ProtocolError, _local_addr, choose_transport, nccl_capable, nccl_pair_group,
-                   pair_group, recv_adapter, send_adapter)
+                   K_GRAD, K_HELLO, K_HIDDEN, K_LABELS, K_LOSS, K_MASK, K_PROFILE, K_RATES, K_STATS, K_TRANSPORT,
+                   MAGIC, MAX_DIMS, TRANSPORTS, Link, ProtocolError, _local_addr, choose_transport, nccl_capable,
+                   nccl_pair_group, pair_group, recv_adapter, send_adapter)
 
 CHECKPOINT_VERSION = 1
 TURN, STOP = 1, 2
