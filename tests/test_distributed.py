@@ -113,17 +113,17 @@ def results(cfg: dict):
             json.loads((out / "events.json").read_text()))
 
 
-def assert_same_as_in_process(cfg: dict, skip=()):
+def assert_same_as_in_process(cfg: dict, skip=(), atol: float = 1e-6):
     adapter, logs, _ = results(cfg)
     ref = D.run_in_process(D.config_from_dict(cfg), skip=skip)
     want = ref.adapter_state()
     assert set(adapter) == set(want)
     for k in want:
-        torch.testing.assert_close(adapter[k], want[k], rtol=0, atol=1e-6)
+        torch.testing.assert_close(adapter[k], want[k], rtol=0, atol=atol)
     assert [(x["round"], x["device"], x["cut_layer"]) for x in logs] == \
         [(x.round, x.device, x.cut_layer) for x in ref.logs]
     torch.testing.assert_close(torch.tensor([x["loss"] for x in logs]), torch.tensor([x.loss for x in ref.logs]),
-                               rtol=0, atol=1e-6)
+                               rtol=0, atol=atol)
     return logs, ref
 
 
@@ -397,6 +397,20 @@ def test_nccl_path_with_a_gloo_stand_in_equals_in_process(tmp_path):
     assert_same_as_in_process(cfg)
     joined = [e for e in results(cfg)[2] if e["event"] == "joined"]
     assert [e["transport"] for e in joined] == ["nccl"]
+
+
+@pytest.mark.skipif(not (torch.distributed.is_nccl_available() and torch.cuda.device_count() >= 2),
+                    reason="needs two CUDA GPUs and an NCCL build of torch (NCCL refuses two ranks on one GPU)")
+def test_real_nccl_pair_on_two_gpus_matches_in_process(tmp_path):
+    """Server on cuda:0, device on cuda:1 (LOCAL_RANK), payloads over a real NCCL pair group; GPU vs CPU
+    arithmetic, so equal to the in-process CPU run within 1e-4 rather than bit for bit. Not run on CPU hosts."""
+    cfg = base_config(tmp_path, dist={"backend": "nccl", "device": "cuda"})
+    cl = Cluster(tmp_path, write_config(tmp_path, cfg), 2)
+    for r in range(2):
+        cl.start(r, env={"LOCAL_RANK": str(r)})
+    assert cl.wait() == {0: 0, 1: 0}, cl.logs()
+    assert_same_as_in_process(cfg, atol=1e-4)
+    assert [e["transport"] for e in results(cfg)[2] if e["event"] == "joined"] == ["nccl"]
 
 
 def test_device_that_cannot_use_nccl_is_refused(tmp_path):
