@@ -17,7 +17,8 @@ from scipy.optimize import minimize_scalar
 
 from splitlora import card, load_channel
 from splitlora.experiments import Scenario, channel_states
-from splitlora.figures import atomic_write, git_state
+from splitlora.atomic import atomic_write
+from splitlora.figures import git_state
 from splitlora.paths import BENCHMARK_RESULTS_DIR
 from splitlora.system import objective
 

@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from splitlora.distributed import free_port
 
 USED_FILES = ["splitlora/distributed.py", "splitlora/wire.py", "splitlora/run_config.py", "splitlora/training.py",
               "splitlora/split.py", "splitlora/models.py", "benchmarks/distributed_overhead.py"]
@@ -43,16 +44,10 @@ def _git_state() -> dict:
     return {"commit": run("rev-parse", "HEAD"), "uncommitted_used_files": run("status", "--porcelain", "--", *USED_FILES)}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_distributed(cfg: dict, workdir: Path, timeout_s: float = 900, threads: int = 1) -> tuple[list, list]:
     from splitlora.paths import REPO_ROOT
 
-    cfg = {**cfg, "dist": {**cfg.get("dist", {}), "port": _free_port(), "output_dir": str(workdir / "out"),
+    cfg = {**cfg, "dist": {**cfg.get("dist", {}), "port": free_port(), "output_dir": str(workdir / "out"),
                            "timeout_s": 120, "startup_timeout_s": 300}}
     path = workdir / "run.json"
     path.write_text(json.dumps(cfg))

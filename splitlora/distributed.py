@@ -65,10 +65,11 @@ from pathlib import Path
 import torch
 
 from ._validate import check_int_range
+from .atomic import atomic_save_folder, atomic_write
 from .run_config import (SYNTHETIC_GSM8K, DistConfig, LinkConfig, RunConfig, build_base_model,  # noqa: F401
-                         build_tokenizer, channel_rates, compute_device, config_from_dict, cost_model, decide_cut,
-                         device_batches, device_profile, gsm8k_batches, load_config, lora_config, planned_cuts,
-                         run_in_process)
+                         build_tokenizer, channel_rates, check_run_config, compute_device, config_from_dict,
+                         cost_model, decide_cut, device_batches, device_profile, gsm8k_batches, load_config,
+                         lora_config, planned_cuts, run_in_process)
 from .training import LoraNode, StepLog, trainable_names  # noqa: F401
 from .wire import (ADAM_FIELDS, DTYPES, FAKE_NCCL_ENV, HEADER_LEN, K_ADAPTER, K_COUNT, K_CTRL,  # noqa: F401
                    K_GRAD, K_HELLO, K_HIDDEN, K_LABELS, K_LOSS, K_MASK, K_PROFILE, K_RATES, K_STATS, K_TRANSPORT,
@@ -91,10 +92,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _atomic_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _test_kill(step: int) -> None:
@@ -355,6 +353,9 @@ class Server:
         self.store = dist.TCPStore(self.d.addr, self.d.port, None, True, datetime.timedelta(seconds=self.d.timeout_s),
                                    wait_for_workers=False, master_listen_fd=sock.detach())
         self.event("listening", addr=self.d.addr, port=self.d.port)
+        if not self.d.output_dir:
+            print("[splitlora server] dist.output_dir is not set: the trained adapter and the logs will not be "
+                  "written (set it in the configuration or pass --output-dir)", file=sys.stderr, flush=True)
         while self.turn < len(self.turns):
             n, m = self.turns[self.turn]
             self._run_turn(n, m)
@@ -375,14 +376,18 @@ class Server:
         return {"steps": self.global_step, "skipped": [e for e in self.events if e["event"] == "skipped"]}
 
     def write_outputs(self) -> None:
+        """Write ``adapter.pt``, ``logs.json``, ``events.json`` and the PEFT ``adapter/`` folder to
+        ``dist.output_dir`` (nothing if unset), each file renamed into place (:mod:`splitlora.atomic`)."""
         if not self.d.output_dir:
             return
         out = Path(self.d.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         _atomic_save(self.adapter_state(), out / "adapter.pt")
-        (out / "logs.json").write_text(json.dumps([asdict(x) for x in self.logs], indent=1))
-        (out / "events.json").write_text(json.dumps(self.events, indent=1, default=str))
-        self.node.model.save_pretrained(str(out / "adapter"))
+        logs = json.dumps([asdict(x) for x in self.logs], indent=1)
+        atomic_write(out / "logs.json", lambda tmp: tmp.write_text(logs))
+        events = json.dumps(self.events, indent=1, default=str)
+        atomic_write(out / "events.json", lambda tmp: tmp.write_text(events))
+        atomic_save_folder(out / "adapter", lambda tmp: self.node.model.save_pretrained(str(tmp)))
 
 
 class Device:
@@ -524,6 +529,7 @@ def run_role(cfg: RunConfig, rank: int, world_size: int) -> int:
         raise ValueError(f"WORLD_SIZE={world_size} is invalid: must be {cfg.num_devices + 1} "
                          f"(one server + {cfg.num_devices} devices of the configuration)")
     check_int_range("RANK", rank, 0, world_size - 1)
+    check_run_config(cfg)
     if rank == 0:
         Server(cfg).serve()
         return 0
@@ -545,11 +551,21 @@ def launch_local(config_path, *, extra_env: dict | None = None, timeout_s: float
         timeout_s: the longest the whole run may take (s); then the processes still running are killed.
         args: extra command-line arguments of every process (``--addr=...``). log_path: file that receives the
             processes' stdout and stderr (appended), or None for this process's own.
-    Returns: exit codes, server first (-9 for a process killed at the timeout).
-    Raises: ValueError for an invalid configuration (:func:`load_config`).
+    The whole configuration is checked first (:func:`~splitlora.run_config.check_run_config`); a port already in
+    use on this host is replaced by a free one (printed); if the server fails, the devices are stopped at once.
+    Returns: exit codes, server first (-9 for a process killed at the timeout or after the server failed).
+    Raises: ValueError for an invalid configuration (naming the field).
     """
-    cfg = load_config(config_path)
+    cfg = load_config(config_path, check=True)  # a bad file fails here, not in 3 processes
     world = cfg.num_devices + 1
+    addr, port = cfg.dist.addr, cfg.dist.port
+    for a in args:
+        addr = a.split("=", 1)[1] if a.startswith("--addr=") else addr
+        port = int(a.split("=", 1)[1]) if a.startswith("--port=") else port
+    if not _port_free(addr, port):
+        new = free_port(addr)
+        print(f"[splitlora] dist.port={port} is in use on {addr}: this local run uses port {new}", file=sys.stderr)
+        args = [*args, f"--port={new}"]
     procs = []
     with contextlib.ExitStack() as stack:
         out = None if log_path is None else stack.enter_context(open(log_path, "ab"))
@@ -560,14 +576,35 @@ def launch_local(config_path, *, extra_env: dict | None = None, timeout_s: float
                                            str(config_path), *args], env=env, stdout=out,
                                           stderr=None if out is None else subprocess.STDOUT))
         deadline = time.monotonic() + timeout_s
-        codes = []
+        while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+            if procs[0].poll() not in (None, 0):  # the server failed: the devices would only wait for it
+                print(f"[splitlora] the server exited with code {procs[0].returncode}: stopping the devices",
+                      file=sys.stderr)
+                break
+            time.sleep(0.1)
         for p in procs:
-            try:
-                codes.append(p.wait(timeout=max(deadline - time.monotonic(), 1)))
-            except subprocess.TimeoutExpired:
+            if p.poll() is None:
                 p.kill()
-                codes.append(p.wait())
+        codes = [p.wait() for p in procs]
     return codes
+
+
+def _port_free(addr: str, port: int) -> bool:
+    fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    with socket.socket(fam, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((addr, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(addr: str = "127.0.0.1") -> int:
+    """A TCP port that was free on ``addr`` a moment ago (bound to port 0 and released)."""
+    fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    with socket.socket(fam, socket.SOCK_STREAM) as s:
+        s.bind((addr, 0))
+        return s.getsockname()[1]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import tempfile
 import time
 from dataclasses import fields
@@ -128,7 +127,7 @@ def run_config_dict(config, overrides: dict | None = None) -> dict:
     """
     import yaml
 
-    from .run_config import config_from_dict
+    from .run_config import check_run_config, config_from_dict
 
     path = resolve_run_config(config)
     base = yaml.safe_load(path.read_text()) or {}
@@ -139,15 +138,8 @@ def run_config_dict(config, overrides: dict | None = None) -> dict:
     if not isinstance(overrides, dict):
         raise ValueError(f"overrides={overrides!r} is invalid: must be a dict of RunConfig fields")
     merged = _merge(base, overrides)
-    config_from_dict(merged)  # raises ValueError naming the field
+    check_run_config(config_from_dict(merged))  # raises ValueError naming the field
     return merged
-
-
-def free_port(addr: str = "127.0.0.1") -> int:
-    """A TCP port that was free on ``addr`` a moment ago (bound to port 0 and released)."""
-    with socket.socket() as s:
-        s.bind((addr, 0))
-        return s.getsockname()[1]
 
 
 def run_distributed_local(config, overrides: dict | None = None, workdir=None, timeout_s: float = 300.0):
@@ -180,7 +172,7 @@ def run_distributed_local(config, overrides: dict | None = None, workdir=None, t
     import yaml
 
     from ._validate import check_positive
-    from .distributed import launch_local
+    from .distributed import free_port, launch_local
 
     check_positive("timeout_s", timeout_s)
     for k in RESERVED_DIST_KEYS:

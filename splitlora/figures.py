@@ -12,34 +12,17 @@ import json
 import os
 import platform
 import subprocess
-import tempfile
 from importlib import metadata
 from pathlib import Path
 
 import pandas as pd
 
+from .atomic import atomic_write
 from .paths import REPO_ROOT, figures_dir
 
 LIBRARIES = ("splitlora", "numpy", "scipy", "pandas", "matplotlib", "seaborn", "torch", "transformers", "peft",
              "datasets", "papermill")
 CSV_FLOAT_FORMAT = "%.10g"
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then rename it to ``path``.
-
-    Raises whatever ``write`` raises; the temporary file is removed and ``path`` is left as it was.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def provenance(parameters: dict) -> dict:

@@ -159,30 +159,77 @@ class RunConfig:
         return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
+def _check_keys(section: str, given, target) -> None:
+    """Raise ValueError unless every key of ``given`` (a dict) is a parameter of ``target`` (a class or function)."""
+    import inspect
+
+    if not isinstance(given, dict):
+        raise ValueError(f"{section}={given!r} is invalid: must be a mapping")
+    allowed = [n for n, p in inspect.signature(target).parameters.items() if p.kind != p.VAR_KEYWORD]
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise ValueError(f"{section}.{unknown[0]} is invalid: not a field of {section}; must be among "
+                         f"{sorted(allowed)}")
+
+
 def config_from_dict(d: dict) -> RunConfig:
-    """Build a :class:`RunConfig` from a plain dict (YAML/JSON); unknown keys raise ValueError."""
+    """Build a :class:`RunConfig` from a plain dict (YAML/JSON).
+
+    Raises ValueError naming the field for an unknown key (top level, ``train``, ``link``, ``dist``) or a value
+    the dataclasses refuse. The rest (device names, ``model``, ``lora``, ``card_scenario``) is checked by
+    :func:`check_run_config`."""
     d = dict(d)
     known = {f.name for f in fields(RunConfig)}
     unknown = set(d) - known
     if unknown:
         raise ValueError(f"config keys {sorted(unknown)} are invalid: must be among {sorted(known)}")
     if "train" in d:
+        _check_keys("train", d["train"], SplitTrainConfig)
         t = dict(d["train"])
         if "betas" in t:
             t["betas"] = tuple(t["betas"])
         d["train"] = SplitTrainConfig(**t)
     if "link" in d:
+        _check_keys("link", d["link"], LinkConfig)
         d["link"] = LinkConfig(**d["link"])
     if "dist" in d:
+        _check_keys("dist", d["dist"], DistConfig)
         d["dist"] = DistConfig(**d["dist"])
     return RunConfig(**d)
 
 
-def load_config(path) -> RunConfig:
-    """Read a run configuration from a YAML or JSON file."""
+def check_run_config(cfg: RunConfig) -> None:
+    """Check, without loading model weights, what the roles would otherwise find only after they start: every
+    device name in data/hardware.yaml, the ``model`` keyword arguments of the offline tiny Llama, the ``lora``
+    fields of ``peft.LoraConfig`` and the ``card_scenario`` fields and values. Raises ValueError naming the field.
+    """
+    from peft import LoraConfig
+
+    from .experiments import Scenario
+    from .hardware import load_device
+    from .models import tiny_llama_config
+
+    for name in cfg.devices:
+        load_device(name)
+    model = {k: v for k, v in cfg.model.items() if k != "seed"}
+    if "name_or_path" not in model:
+        _check_keys("model", model, tiny_llama_config)
+        tiny_llama_config(**model)
+    _check_keys("lora", cfg.lora, LoraConfig)
+    if cfg.card_scenario is not None:
+        _check_keys("card_scenario", cfg.card_scenario, Scenario)
+        Scenario(**cfg.card_scenario)
+
+
+def load_config(path, check: bool = False) -> RunConfig:
+    """Read a run configuration from a YAML or JSON file; ``check``: also :func:`check_run_config`.
+    Raises ValueError for an invalid configuration (naming the field), OSError for an unreadable file."""
     import yaml
 
-    return config_from_dict(yaml.safe_load(Path(path).read_text()) or {})
+    cfg = config_from_dict(yaml.safe_load(Path(path).read_text()) or {})
+    if check:
+        check_run_config(cfg)
+    return cfg
 
 
 

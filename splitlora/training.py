@@ -380,12 +380,10 @@ class SplitTrainer:
 
     def save_checkpoint(self, path: str | os.PathLike) -> Path:
         """Write :meth:`state_dict` atomically (temporary file, then ``os.replace``). Returns the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
-        return path
+        from .atomic import atomic_write
+
+        state = self.state_dict()
+        return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Resume from a checkpoint written by :meth:`save_checkpoint` (``torch.load(weights_only=True)``)."""
@@ -395,12 +393,14 @@ class SplitTrainer:
     def export_adapter(self, directory: str | os.PathLike) -> Path:
         """Merge the device-side and server-side adapters into one standard PEFT adapter folder
         (``adapter_config.json`` + ``adapter_model.safetensors``) that
-        ``peft.PeftModel.from_pretrained(unsplit_base_model, directory)`` loads. Returns the folder."""
+        ``peft.PeftModel.from_pretrained(unsplit_base_model, directory)`` loads. Returns the folder. Each file is
+        written to a temporary folder and renamed into place, so an existing adapter there is replaced whole.
+        Raises RuntimeError if a LoRA tensor has no key in the PEFT format (or one is missing)."""
         from peft import get_peft_model_state_dict
         from safetensors.torch import save_file
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        from .atomic import atomic_save_folder
+
         merged = self.adapter_state()
         expected = get_peft_model_state_dict(self.server.model, save_embedding_layers=False)
         out = {}
@@ -412,9 +412,11 @@ class SplitTrainer:
         missing = set(expected) - set(out)
         if missing:
             raise RuntimeError(f"adapter export is missing {sorted(missing)[:3]}...")
-        save_file(out, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
-        self.server.model.peft_config[ADAPTER_NAME].save_pretrained(str(directory))
-        return directory
+        def save(tmp: Path) -> None:
+            save_file(out, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+            self.server.model.peft_config[ADAPTER_NAME].save_pretrained(str(tmp))
+
+        return atomic_save_folder(directory, save)
 
 
 def logs_frame(logs: Sequence[StepLog]):

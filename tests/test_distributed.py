@@ -29,10 +29,7 @@ B, S, H = 2, 16, 32
 RUN_TIMEOUT_S = 150
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+free_port = D.free_port
 
 
 def base_config(tmp_path: Path, **over) -> dict:
@@ -224,6 +221,23 @@ def test_config_validation_and_fingerprint(tmp_path):
         D.config_from_dict(base_config(tmp_path, cut=[[1]]))
     with pytest.raises(ValueError, match="WORLD_SIZE"):
         D.run_role(cfg, 0, 3)
+    # every section is checked before a process starts, with the field's name and what is allowed
+    for over, msg in [({"dist": {"timout_s": 3}}, r"dist\.timout_s is invalid: .*'timeout_s'"),
+                      ({"link": {"rate": 3}}, r"link\.rate is invalid: .*'rate_scale'"),
+                      ({"train": {"lr_": 3}}, r"train\.lr_ is invalid: .*'lr'")]:
+        with pytest.raises(ValueError, match=msg):
+            D.config_from_dict(base_config(tmp_path, **over))
+    for over, msg in [({"devices": ["Device 9"]}, r"device='Device 9' is invalid: must be one of"),
+                      ({"model": {"hiden_size": 8}}, r"model\.hiden_size is invalid: .*'hidden_size'"),
+                      ({"lora": {"rr": 8}}, r"lora\.rr is invalid: .*'r'"),
+                      ({"card_scenario": {"schedule": "pipelind"}}, r"schedule='pipelind' is invalid"),
+                      ({"card_scenario": {"wieght": 1}}, r"card_scenario\.wieght is invalid: .*'w'")]:
+        bad = D.config_from_dict(base_config(tmp_path, **over))
+        with pytest.raises(ValueError, match=msg):
+            D.check_run_config(bad)
+        with pytest.raises(ValueError, match=msg):
+            D.run_role(bad, 0, 2)
+    D.check_run_config(cfg)
     # CARD standing in the paper's scenario: the strong device trains alone, the weak one offloads everything
     card_cfg = D.config_from_dict(base_config(tmp_path, devices=["Device 1", "Device 3"], cut="card",
                                               card_scenario={"granularity": "sublayer"}))
@@ -316,6 +330,32 @@ def test_three_processes_two_devices_emulated_link(tmp_path):
     for x in sent:
         assert abs(x["t_up_s"] / x["pred_up_s"] - 1) < 0.10, x
         assert abs(x["t_down_s"] / x["pred_down_s"] - 1) < 0.10, x
+
+
+def test_launch_local_replaces_a_busy_port_and_stops_devices_when_the_server_fails(tmp_path, capfd):
+    """--local: a configured port that is in use is replaced by a free one; a server that fails at start (here: a
+    checkpoint of another configuration) makes launch_local stop the devices at once instead of letting them
+    wait ``startup_timeout_s`` (120 s) for it."""
+    cfg = base_config(tmp_path, rounds=1, cut=[[1]])
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", cfg["dist"]["port"]))
+        busy.listen(1)
+        codes = D.launch_local(write_config(tmp_path, cfg), extra_env={"OMP_NUM_THREADS": "1"}, timeout_s=120,
+                               log_path=tmp_path / "ok.log")
+    assert codes == [0, 0], (tmp_path / "ok.log").read_text()[-3000:]
+    assert f"dist.port={cfg['dist']['port']} is in use on 127.0.0.1" in capfd.readouterr().err
+    assert len(results(cfg)[1]) == 2
+
+    other = base_config(tmp_path, train={"lr": 0.5})  # another fingerprint; the first run's server checkpoint
+    other["dist"]["checkpoint_dir"] = str(tmp_path / "ck2")
+    (tmp_path / "ck2").mkdir()
+    shutil.copy(tmp_path / "ck" / "server.pt", tmp_path / "ck2" / "server.pt")
+    t0 = time.monotonic()
+    codes = D.launch_local(write_config(tmp_path, other), extra_env={"OMP_NUM_THREADS": "1"}, timeout_s=120,
+                           log_path=tmp_path / "fail.log")
+    assert codes[0] == 1 and codes[1] == -signal.SIGKILL and time.monotonic() - t0 < 60
+    assert "made with another version or configuration" in (tmp_path / "fail.log").read_text()
+    assert "the server exited with code 1: stopping the devices" in capfd.readouterr().err
 
 
 # ============================================================================== payload transport (NCCL path)
