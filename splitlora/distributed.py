@@ -112,7 +112,8 @@ def _join_key(m: int) -> str:
 @dataclass
 class DistStepLog(StepLog):
     """:class:`StepLog` plus the link: rates (bit/s; the emulated rate, or the model's), measured up-link time of
-    the smashed data (server clock) and down-link time of its gradient (device clock), the model's 8 S / R (s)."""
+    the smashed data (server clock) and down-link time of its gradient (device clock), the model's 8 S / R (s),
+    and ``card_rate_bps``, the up-link rate CARD decided this turn's cut with (bit/s; ``link.rate_source``)."""
 
     channel_state: str = ""
     rate_up_bps: float = 0.0
@@ -123,6 +124,7 @@ class DistStepLog(StepLog):
     pred_down_s: float = 0.0
     model_smashed_bytes: int = 0
     attempt: int = 0
+    card_rate_bps: float = 0.0
 
 
 class _Conn:
@@ -162,6 +164,7 @@ class Server:
         self.conns: dict[int, _Conn] = {}
         self.absent: set[int] = set()
         self.refused: list[Link] = []
+        self.rate_est: dict[int, float] = {}  # measured up-link rate of each device's last turn (bit/s)
         self.seen: set[int] = set()
         self.tried: dict[int, int] = {}
         self.ckpt = Path(self.d.checkpoint_dir) / "server.pt" if self.d.checkpoint_dir else None
@@ -179,7 +182,7 @@ class Server:
         return {"version": CHECKPOINT_VERSION, "fingerprint": self.cfg.fingerprint(), "turn": self.turn,
                 "global_step": self.global_step, "params": {k: n.params[k].detach().clone() for k in n.owned},
                 "opt": n.opt_state(), "logs": [asdict(x) for x in self.logs], "events": self.events,
-                "rng": torch.get_rng_state()}
+                "rng": torch.get_rng_state(), "rate_est": dict(self.rate_est)}
 
     def load(self, path: Path) -> None:
         st = torch.load(path, weights_only=True, map_location="cpu")
@@ -190,6 +193,7 @@ class Server:
         self.turn, self.global_step = int(st["turn"]), int(st["global_step"])
         self.logs = [DistStepLog(**x) for x in st["logs"]]
         self.events = list(st["events"])
+        self.rate_est = {int(k): float(v) for k, v in st.get("rate_est", {}).items()}
         torch.set_rng_state(st["rng"])
         self.event("resumed", path=str(path))
 
@@ -257,7 +261,10 @@ class Server:
         cfg, node, link = self.cfg, self.node, c.link
         t_turn = time.perf_counter()
         state = str(self.states[n, m])
-        cut = decide_cut(cfg, self.cm, n, m, c.profile[0], c.profile[1], float(self.rates[n, m]), self.L)
+        card_rate = float(self.rates[n, m])
+        if cfg.link.rate_source == "measured":
+            card_rate = self.rate_est.get(m, card_rate)
+        cut = decide_cut(cfg, self.cm, n, m, c.profile[0], c.profile[1], card_rate, self.L)
         check_int_range("cut_layer", cut, 0, self.L)
         rate = float(self.rates[n, m]) * cfg.link.rate_scale
         pace = rate if cfg.link.emulate else 0.0
@@ -272,7 +279,7 @@ class Server:
         for i in range(I):
             step = self.global_step + i
             log = DistStepLog(step, n, m, cut, 0.0, 0, 0, 0, moved if i == 0 else 0, channel_state=state,
-                              rate_up_bps=rate, rate_down_bps=rate, attempt=attempt,
+                              rate_up_bps=rate, rate_down_bps=rate, attempt=attempt, card_rate_bps=card_rate,
                               model_smashed_bytes=int(self.prof.smashed_bytes[cut]))
             if cut == self.L:
                 loss, _ = link.recv(K_LOSS, torch.float32, (1,))
@@ -314,6 +321,9 @@ class Server:
         logs[-1].handover_bytes += back
         self.logs += logs
         self.global_step += I
+        timed = [(x.smashed_bytes, x.t_up_s) for x in logs if x.smashed_bytes > 0 and x.t_up_s > 0]
+        if timed:  # the device's up-link rate as CARD should see it (emulation's rate_scale undone)
+            self.rate_est[m] = 8.0 * sum(b for b, _ in timed) / sum(t for _, t in timed) / cfg.link.rate_scale
         self.event("turn_done", round=n, device=m, cut=cut, steps=I, seconds=time.perf_counter() - t_turn)
 
     def _run_turn(self, n: int, m: int) -> bool:

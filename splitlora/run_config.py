@@ -29,16 +29,21 @@ class LinkConfig:
     seed: seed of the Markov chains [0]. emulate: pace every payload to the state's rate (rate limiter) [False].
     rate_scale: multiplies the channel model's rate for the emulation and the logged prediction (< 1 slows the
     link so transfers are measurable on a small model); CARD always sees the unscaled rate [1.0].
+    rate_source: the up-link rate CARD is given for a device's turn: "model" (the channel state's rate of this
+    round) or "measured" (the server's estimate from that device's previous turn: bits of smashed data over
+    their measured transfer time, divided by ``rate_scale``; the model's rate until a first measurement) ["model"].
     """
 
     condition: str = "Normal"
     seed: int = 0
     emulate: bool = False
     rate_scale: float = 1.0
+    rate_source: str = "model"
 
     def __post_init__(self):
         check_choice("link.condition", self.condition, ("Good", "Normal", "Poor", "Markov"))
         check_positive("link.rate_scale", self.rate_scale)
+        check_choice("link.rate_source", self.rate_source, ("model", "measured"))
 
 
 @dataclass(frozen=True)
@@ -155,6 +160,8 @@ class RunConfig:
         if d["data"] is None:
             d.pop("data")  # fingerprints of random-token runs are those from before the field existed
         d["train"].pop("progress")
+        if d["link"]["rate_source"] == "model":
+            d["link"].pop("rate_source")  # as for ``data``: fingerprints from before the field existed hold
         digest = hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).digest()
         return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
@@ -385,11 +392,18 @@ def planned_cuts(cfg: RunConfig) -> list[list[int]]:
             for n in range(cfg.rounds)]
 
 
-def run_in_process(cfg: RunConfig, skip=()) -> SplitTrainer:
-    """The same run with the in-process :class:`SplitTrainer`; ``skip``: (round, device) turns left out."""
+def run_in_process(cfg: RunConfig, skip=(), cuts=None) -> SplitTrainer:
+    """The same run with the in-process :class:`SplitTrainer`; ``skip``: (round, device) turns left out; ``cuts``:
+    the cut of every (round, device) (N x M), default :func:`planned_cuts`. Raises ValueError for ``cut: card``
+    with ``link.rate_source: measured`` and no ``cuts``: those decisions depend on measured transfer times, so
+    pass the cuts the server logged."""
+    if cuts is None and cfg.cut == "card" and cfg.link.rate_source == "measured":
+        raise ValueError("cuts=None is invalid with link.rate_source='measured' and cut='card': CARD's decisions "
+                         "depend on measured transfer times; must pass the cuts the distributed server logged")
     base = build_base_model(cfg)
     trainer = SplitTrainer(base, lora_config(cfg), cfg.train)
-    data, cuts, I = device_batches(cfg, base.config.vocab_size), planned_cuts(cfg), cfg.steps_per_round
+    cuts = planned_cuts(cfg) if cuts is None else cuts
+    data, I = device_batches(cfg, base.config.vocab_size), cfg.steps_per_round
     for n in range(cfg.rounds):
         for m in range(cfg.num_devices):
             if (n, m) in set(map(tuple, skip)):

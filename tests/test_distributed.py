@@ -476,6 +476,48 @@ def test_device_that_cannot_use_nccl_is_refused(tmp_path):
         torch.testing.assert_close(adapter[k], init[k], rtol=0, atol=0)
 
 
+def test_card_with_measured_rates(tmp_path):
+    """link.rate_source: measured: CARD gets, for each turn, the up-link rate the server measured in that device's
+    previous turn (bits of smashed data / their transfer time / rate_scale), the model's rate in its first turn.
+    Checked against the logs, against CARD recomputed here from that rate, and the training against SplitTrainer
+    replaying the logged cuts."""
+    scale = 0.01  # 64 KiB of smashed data: 0.32 s (Good) to 1.3 s (Poor)
+    cfg = base_config(tmp_path, devices=["Device 1"], rounds=4, cut="card", seq_len=64, batch_size=4,
+                      model={"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "seed": 0},
+                      train={"wire_dtype": "bfloat16"}, card_scenario={"granularity": "sublayer",
+                                                                         "schedule": "pipelined"},
+                      link={"condition": "Markov", "seed": 5, "emulate": True, "rate_scale": scale,
+                            "rate_source": "measured"})
+    rc = D.config_from_dict(cfg)
+    with pytest.raises(ValueError, match="rate_source='measured'"):
+        D.run_in_process(rc)
+    cl = Cluster(tmp_path, write_config(tmp_path, cfg), 2)
+    for r in range(2):
+        cl.start(r)
+    assert cl.wait() == {0: 0, 1: 0}, cl.logs()
+    _, logs, _ = results(cfg)
+    base = D.build_base_model(rc)
+    cm, _ = D.cost_model(rc, base.config)
+    states, model_rates = D.channel_rates(rc)
+    flops, mem = D.device_profile(rc, 0)
+    est = None
+    for n in range(rc.rounds):
+        turn = [x for x in logs if x["round"] == n]
+        want = model_rates[n, 0] if est is None else est
+        assert turn[0]["card_rate_bps"] == pytest.approx(want, rel=1e-12)
+        assert turn[0]["cut_layer"] == D.decide_cut(rc, cm, n, 0, flops, mem, want, 4)
+        sent = [x for x in turn if x["smashed_bytes"] > 0]
+        if sent:
+            est = 8 * sum(x["smashed_bytes"] for x in sent) / sum(x["t_up_s"] for x in sent) / scale
+            assert est == pytest.approx(model_rates[n, 0], rel=0.10)  # the emulated state, measured
+    # Markov seed 5: Poor, Poor, Poor, Normal; in round 3 CARD still sees the Poor rate it measured in round 2
+    assert any(abs(x["card_rate_bps"] / model_rates[x["round"], 0] - 1) > 0.5 for x in logs)
+    cuts = [[x["cut_layer"]] for x in logs if x["step"] % 2 == 0]
+    ref = D.run_in_process(rc, cuts=cuts)
+    torch.testing.assert_close(torch.tensor([x["loss"] for x in logs]), torch.tensor([x.loss for x in ref.logs]),
+                               rtol=0, atol=1e-6)
+
+
 NS_IP = ("10.231.77.1", "10.231.77.2")
 
 
