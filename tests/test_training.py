@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from splitlora.split import num_units
-from splitlora.training import SplitTrainConfig, SplitTrainer, logs_frame
+from splitlora.training import SplitTrainConfig, SplitTrainer, logs_frame, unsplit_training
 
 V, H, BLOCKS, B, S = 97, 32, 3, 2, 10
 
@@ -46,26 +46,6 @@ def make_batches(n: int, seed: int):
     return out
 
 
-def reference_training(model, lora, batches, cfg: SplitTrainConfig):
-    """Ordinary peft training of the unsplit model: one AdamW, the model's own forward and loss."""
-    from peft import get_peft_model
-
-    torch.manual_seed(cfg.seed)
-    ref = get_peft_model(copy.deepcopy(model), copy.deepcopy(lora))
-    ref.train()
-    opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.betas,
-                            eps=cfg.eps, weight_decay=cfg.weight_decay)
-    losses = []
-    for b in batches:
-        am = b["attention_mask"] if cfg.send_attention_mask else None
-        out = ref(input_ids=b["input_ids"], attention_mask=am, labels=b["labels"])
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(out.loss.item())
-    return ref, losses
-
-
 def assert_same_adapters(trainer, ref, atol=1e-5):
     got = trainer.adapter_state()
     want = {n: p for n, p in ref.named_parameters() if p.requires_grad}
@@ -93,7 +73,7 @@ def test_two_devices_every_cut_equals_unsplit_training(family, attn, tie, granul
     trainer = SplitTrainer(model, lora, cfg)
     logs = trainer.run(data, schedule, rounds=rounds)
     concatenated = [data[m][n] for n in range(rounds) for m in range(2)]
-    ref, ref_losses = reference_training(model, lora, concatenated, cfg)
+    ref, ref_losses = unsplit_training(model, lora, concatenated, cfg)
     assert [x.cut_layer for x in logs] == [schedule[n][m] for n in range(rounds) for m in range(2)]
     assert sorted(set(x.cut_layer for x in logs)) == list(range(L + 1))
     torch.testing.assert_close(torch.tensor([x.loss for x in logs]), torch.tensor(ref_losses), rtol=0, atol=1e-5)
@@ -109,7 +89,7 @@ def test_steps_per_round_and_callable_schedule():
     trainer = SplitTrainer(model, lora, cfg)
     logs = trainer.run(data, lambda n, m: (n + 2 * m) % 7, rounds=2, steps_per_round=2)
     order = [data[m][n * 2 + i] for n in range(2) for m in range(3) for i in range(2)]
-    ref, losses = reference_training(model, lora, order, cfg)
+    ref, losses = unsplit_training(model, lora, order, cfg)
     assert [x.device for x in logs] == [0, 0, 1, 1, 2, 2] * 2
     torch.testing.assert_close(torch.tensor([x.loss for x in logs]), torch.tensor(losses), rtol=0, atol=1e-5)
     assert_same_adapters(trainer, ref)
@@ -274,7 +254,7 @@ def test_equivalence_check_catches_a_lost_optimiser_state(monkeypatch):
     monkeypatch.setattr(training.LoraNode, "export", export_without_opt)
     trainer = SplitTrainer(model, lora, cfg)
     trainer.run(data, [[2, 2]] * 3, rounds=3)
-    ref, _ = reference_training(model, lora, [data[m][n] for n in range(3) for m in range(2)], cfg)
+    ref, _ = unsplit_training(model, lora, [data[m][n] for n in range(3) for m in range(2)], cfg)
     with pytest.raises(AssertionError):
         assert_same_adapters(trainer, ref)
 
