@@ -73,8 +73,8 @@ from .run_config import (SYNTHETIC_GSM8K, DistConfig, LinkConfig, RunConfig, bui
 from .training import LoraNode, StepLog, trainable_names  # noqa: F401
 from .wire import (ADAM_FIELDS, DTYPES, FAKE_NCCL_ENV, HEADER_LEN, K_ADAPTER, K_COUNT, K_CTRL,  # noqa: F401
                    K_GRAD, K_HELLO, K_HIDDEN, K_LABELS, K_LOSS, K_MASK, K_PROFILE, K_RATES, K_STATS, K_TRANSPORT,
-                   MAGIC, MAX_DIMS, TRANSPORTS, Link, ProtocolError, _local_addr, choose_transport, nccl_capable,
-                   nccl_pair_group, pair_group, recv_adapter, send_adapter)
+                   MAGIC, MAX_DIMS, TRANSPORTS, Link, ProtocolError, _local_addr, choose_transport, cuda_sync,
+                   nccl_capable, nccl_pair_group, pair_group, recv_adapter, send_adapter)
 
 CHECKPOINT_VERSION = 1
 TURN, STOP = 1, 2
@@ -83,12 +83,6 @@ TURN, STOP = 1, 2
 class JoinRefused(ValueError):
     """The server refused this device: another configuration (fingerprint) or device index, or ``dist.backend:
     nccl`` where one end cannot use NCCL. Not retried: the device process exits with the reason."""
-
-
-def _sync(device: torch.device) -> None:
-    """Wait for the GPU work queued so far, so that a host clock reading after it includes that work."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -303,7 +297,7 @@ class Server:
                 loss.backward()
                 node.opt.step()
                 node.opt.zero_grad(set_to_none=True)
-                _sync(self.dev)
+                cuda_sync(self.dev)
                 log.server_time_s = time.perf_counter() - t1
                 log.loss = float(loss.detach())
                 log.smashed_bytes = hid.numel() * hid.element_size()
@@ -469,7 +463,7 @@ class Device:
                     t_wait = time.perf_counter() - tw
             node.opt.step()
             node.opt.zero_grad(set_to_none=True)
-            _sync(self.dev)
+            cuda_sync(self.dev)
             stats.append([t_down, time.perf_counter() - t0 - t_wait])
         link.send(torch.tensor(stats, dtype=torch.float64), K_STATS)
         payload = node.export(d_own)

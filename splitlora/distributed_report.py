@@ -66,31 +66,9 @@ def resolve_run_config(config) -> Path:
                      f"{available_run_configs()} (in {RUNS_DIR})")
 
 
-def _allowed_keys(section: str) -> set[str] | None:
-    """Keys a nested section of a RunConfig may hold; None = not checked here."""
-    from .experiments import Scenario
-    from .run_config import DistConfig, LinkConfig
-    from .training import SplitTrainConfig
-
-    classes = {"train": SplitTrainConfig, "link": LinkConfig, "dist": DistConfig, "card_scenario": Scenario}
-    if section in classes:
-        return {f.name for f in fields(classes[section])}
-    if section == "lora":
-        from peft import LoraConfig
-
-        return {f.name for f in fields(LoraConfig)}
-    if section == "model":
-        import inspect
-
-        from .models import tiny_llama_config
-
-        return set(inspect.signature(tiny_llama_config).parameters) | {"seed", "name_or_path"}
-    return None
-
-
 def _merge(base: dict, overrides: dict, where: str = "overrides") -> dict:
     """``base`` with ``overrides`` merged in: nested dicts merged key by key, anything else replaced."""
-    from .run_config import RunConfig
+    from .run_config import RunConfig, section_keys
 
     out = dict(base)
     top = {f.name for f in fields(RunConfig)}
@@ -98,11 +76,11 @@ def _merge(base: dict, overrides: dict, where: str = "overrides") -> dict:
         if k not in top:
             raise ValueError(f"{where}[{k!r}] is invalid: {k!r} is not a RunConfig field; must be among {sorted(top)}")
         if isinstance(v, dict):
-            allowed = _allowed_keys(k)
-            unknown = sorted(set(v) - allowed) if allowed is not None else []
+            allowed = section_keys(k)
+            unknown = sorted(set(v) - set(allowed)) if allowed is not None else []
             if unknown:
                 raise ValueError(f"{where}[{k!r}][{unknown[0]!r}] is invalid: {unknown[0]!r} is not a field of "
-                                 f"{k!r}; must be among {sorted(allowed)}")
+                                 f"{k!r}; must be among {allowed}")
             old = out.get(k)
             out[k] = {**old, **v} if isinstance(old, dict) else dict(v)
         else:

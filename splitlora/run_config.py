@@ -166,17 +166,41 @@ class RunConfig:
         return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def _check_keys(section: str, given, target) -> None:
-    """Raise ValueError unless every key of ``given`` (a dict) is a parameter of ``target`` (a class or function)."""
+def section_keys(section: str) -> list[str] | None:
+    """Keys the nested section ``section`` of a run configuration may hold (sorted): the parameters of
+    :class:`SplitTrainConfig` (``train``), :class:`LinkConfig`, :class:`DistConfig`, ``peft.LoraConfig`` (``lora``),
+    :class:`~splitlora.experiments.Scenario` (``card_scenario``), ``tiny_llama_config`` plus ``seed`` and
+    ``name_or_path`` (``model``); None for a field that is not a section."""
     import inspect
 
+    def lora():
+        from peft import LoraConfig
+        return LoraConfig
+
+    def scenario():
+        from .experiments import Scenario
+        return Scenario
+
+    def tiny():
+        from .models import tiny_llama_config
+        return tiny_llama_config
+
+    targets = {"train": lambda: SplitTrainConfig, "link": lambda: LinkConfig, "dist": lambda: DistConfig,
+               "lora": lora, "card_scenario": scenario, "model": tiny}
+    if section not in targets:
+        return None
+    keys = [n for n, p in inspect.signature(targets[section]()).parameters.items() if p.kind != p.VAR_KEYWORD]
+    return sorted(keys + (["name_or_path", "seed"] if section == "model" else []))
+
+
+def _check_keys(section: str, given) -> None:
+    """Raise ValueError unless ``given`` is a mapping whose keys are all in :func:`section_keys` of ``section``."""
     if not isinstance(given, dict):
         raise ValueError(f"{section}={given!r} is invalid: must be a mapping")
-    allowed = [n for n, p in inspect.signature(target).parameters.items() if p.kind != p.VAR_KEYWORD]
+    allowed = section_keys(section)
     unknown = sorted(set(given) - set(allowed))
     if unknown:
-        raise ValueError(f"{section}.{unknown[0]} is invalid: not a field of {section}; must be among "
-                         f"{sorted(allowed)}")
+        raise ValueError(f"{section}.{unknown[0]} is invalid: not a field of {section}; must be among {allowed}")
 
 
 def config_from_dict(d: dict) -> RunConfig:
@@ -191,16 +215,16 @@ def config_from_dict(d: dict) -> RunConfig:
     if unknown:
         raise ValueError(f"config keys {sorted(unknown)} are invalid: must be among {sorted(known)}")
     if "train" in d:
-        _check_keys("train", d["train"], SplitTrainConfig)
+        _check_keys("train", d["train"])
         t = dict(d["train"])
         if "betas" in t:
             t["betas"] = tuple(t["betas"])
         d["train"] = SplitTrainConfig(**t)
     if "link" in d:
-        _check_keys("link", d["link"], LinkConfig)
+        _check_keys("link", d["link"])
         d["link"] = LinkConfig(**d["link"])
     if "dist" in d:
-        _check_keys("dist", d["dist"], DistConfig)
+        _check_keys("dist", d["dist"])
         d["dist"] = DistConfig(**d["dist"])
     return RunConfig(**d)
 
@@ -210,21 +234,18 @@ def check_run_config(cfg: RunConfig) -> None:
     device name in data/hardware.yaml, the ``model`` keyword arguments of the offline tiny Llama, the ``lora``
     fields of ``peft.LoraConfig`` and the ``card_scenario`` fields and values. Raises ValueError naming the field.
     """
-    from peft import LoraConfig
-
     from .experiments import Scenario
     from .hardware import load_device
     from .models import tiny_llama_config
 
     for name in cfg.devices:
         load_device(name)
-    model = {k: v for k, v in cfg.model.items() if k != "seed"}
-    if "name_or_path" not in model:
-        _check_keys("model", model, tiny_llama_config)
-        tiny_llama_config(**model)
-    _check_keys("lora", cfg.lora, LoraConfig)
+    _check_keys("model", cfg.model)
+    if "name_or_path" not in cfg.model:
+        tiny_llama_config(**{k: v for k, v in cfg.model.items() if k != "seed"})
+    _check_keys("lora", cfg.lora)
     if cfg.card_scenario is not None:
-        _check_keys("card_scenario", cfg.card_scenario, Scenario)
+        _check_keys("card_scenario", cfg.card_scenario)
         Scenario(**cfg.card_scenario)
 
 

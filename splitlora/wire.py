@@ -36,6 +36,14 @@ FAKE_NCCL_ENV = "SPLITLORA_FAKE_NCCL"
 ADAM_FIELDS = ("exp_avg", "exp_avg_sq", "step")
 
 
+def cuda_sync(device) -> None:
+    """Wait for the GPU work queued so far on ``device`` (nothing for a CPU device), so that a host clock reading
+    after it includes that work."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class ProtocolError(RuntimeError):
     """A message that is not what the receiver expects (dtype, shape, key, magic): the peer is dropped."""
 
@@ -67,8 +75,7 @@ class Link:
         return datetime.timedelta(seconds=self.timeout_s if timeout_s is None else timeout_s)
 
     def _sync(self) -> None:
-        if self.payload_device.type == "cuda":  # NCCL work runs on a stream: the bytes have arrived after this
-            torch.cuda.synchronize(self.payload_device)
+        cuda_sync(self.payload_device)  # NCCL work runs on a stream: the bytes have arrived after this
 
     def close(self) -> None:
         """Abort both groups (a broken group may refuse; it is dropped anyway)."""
