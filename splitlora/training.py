@@ -36,7 +36,8 @@ import torch
 from torch import nn
 
 from ._validate import check_choice, check_int_range, check_positive
-from .split import GRANULARITIES, WIRE_DTYPES, num_units, split_model, tensor_bytes, to_wire, wire_dtype_of
+from .split import (COMPUTE_DTYPES, GRANULARITIES, WIRE_DTYPES, compute_context, num_units, shared_weight_copy,
+                    split_model, tensor_bytes, to_wire, wire_dtype_of)
 
 ADAPTER_NAME = "default"
 CHECKPOINT_VERSION = 1
@@ -53,6 +54,9 @@ class SplitTrainConfig:
     send_attention_mask: send the batch's 2-D padding mask (B, s) with the smashed data and use it on
     both sides; with right padding and a causal model it does not change the loss [False].
     progress: show a tqdm bar [False].
+    compute_dtype: precision of forward and backward on both sides: ``"float32"``, or ``"bfloat16"`` mixed
+    precision (``torch.autocast``; weights, LoRA, AdamW state and the hidden state at the cut stay fp32, so the
+    wire dtype still decides what is lost on the link). About 4x faster on a CPU with AVX512-BF16 ["float32"].
     """
 
     lr: float = 1e-3
@@ -64,6 +68,7 @@ class SplitTrainConfig:
     seed: int = 0
     send_attention_mask: bool = False
     progress: bool = False
+    compute_dtype: str = "float32"
 
     def __post_init__(self):
         check_positive("lr", self.lr)
@@ -71,6 +76,7 @@ class SplitTrainConfig:
         check_positive("weight_decay", self.weight_decay, allow_zero=True)
         check_choice("granularity", self.granularity, GRANULARITIES)
         check_choice("wire_dtype", self.wire_dtype, WIRE_DTYPES)
+        check_choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
 
 
 @dataclass
@@ -185,11 +191,32 @@ def trainable_names(node: LoraNode, part: nn.Module) -> list[str]:
 CutSchedule = Sequence[Sequence[int]] | Callable[[int, int], int]
 
 
+def check_has_targets(labels: torch.Tensor) -> None:
+    """Refuse a mini-batch whose labels (B, s) hold no target token after the causal shift (all -100): its loss
+    is 0 / 0 = NaN and one such step would turn every LoRA weight into NaN. Raises ValueError."""
+    if not bool((labels[:, 1:] != -100).any()):
+        raise ValueError("batch labels are invalid: every target is -100 (no answer token left after truncation?); "
+                         "raise max_length or use loss_on='all'")
+
+
+def _check_lora_config(lora_config) -> None:
+    """Refuse, before any step, peft options whose adapter split training cannot export: ``modules_to_save`` and
+    DoRA (``use_dora``: its magnitude vectors have no key in the adapter format this trainer writes)."""
+    if getattr(lora_config, "modules_to_save", None):
+        raise ValueError(f"lora_config.modules_to_save={lora_config.modules_to_save!r} is invalid: "
+                         "must be None (split training adapts LoRA parameters only)")
+    if getattr(lora_config, "use_dora", False):
+        raise ValueError("lora_config.use_dora=True is invalid: must be False (DoRA magnitude vectors are not "
+                         "exported by split training)")
+
+
 class SplitTrainer:
     """Sequential split LoRA training of a causal LM between one server and devices taking turns.
 
     Args:
-        model: base ``*ForCausalLM`` (Llama / Qwen2 / Mistral); it is copied, never modified.
+        model: base ``*ForCausalLM`` (Llama / Qwen2 / Mistral); never modified. Its weights are not copied: the
+            server and device instances alias them (:func:`splitlora.split.shared_weight_copy`), each with its own
+            LoRA parameters, so building a trainer adds only the LoRA tensors to memory.
         lora_config: one ``peft.LoraConfig`` used for both sides (LoRA is initialised under
             ``torch.manual_seed(config.seed)`` with ``peft.get_peft_model``, as ordinary peft training would).
         config: :class:`SplitTrainConfig`.
@@ -201,16 +228,14 @@ class SplitTrainer:
     def __init__(self, model: nn.Module, lora_config, config: SplitTrainConfig = SplitTrainConfig()):
         from peft import get_peft_model
 
-        if getattr(lora_config, "modules_to_save", None):
-            raise ValueError(f"lora_config.modules_to_save={lora_config.modules_to_save!r} is invalid: "
-                             "must be None (split training adapts LoRA parameters only)")
         self.config = config
         self.wire = wire_dtype_of(config.wire_dtype)
         torch.manual_seed(config.seed)
-        server_model = get_peft_model(copy.deepcopy(model), copy.deepcopy(lora_config))
+        _check_lora_config(lora_config)
+        server_model = get_peft_model(shared_weight_copy(model), copy.deepcopy(lora_config))
         split_model(server_model, 0, config.granularity)  # architecture / tied-LoRA checks
         server_model.train()
-        device_model = copy.deepcopy(server_model)
+        device_model = shared_weight_copy(server_model, share_trainable=False)
         self.num_units = num_units(server_model, config.granularity)
         self.server, self.device = LoraNode(server_model, config), LoraNode(device_model, config)
         self.server.set_owned(list(self.server.params))  # the server starts with the initial adapter
@@ -263,27 +288,32 @@ class SplitTrainer:
         current cut, else L/2 rounded down). Returns the :class:`StepLog` (also appended to ``logs``)."""
         if cut_layer is None:
             cut_layer = self.cut if self.cut is not None else self.num_units // 2
-        moved = self._prepare(device_id, cut_layer)
         ids, labels = batch["input_ids"], batch["labels"]
+        check_has_targets(labels)
+        moved = self._prepare(device_id, cut_layer)
         am = batch.get("attention_mask") if self.config.send_attention_mask else None
         dev, srv = self.device.part, self.server.part
         up = down = smashed = 0
         t_srv = 0.0
+        autocast = lambda: compute_context(self.config.compute_dtype, ids.device.type)  # noqa: E731
         t0 = time.perf_counter()
         if dev.is_full:
-            logits = dev(ids, am)
-            loss = dev.loss(logits, labels)
+            with autocast():
+                logits = dev(ids, am)
+                loss = dev.loss(logits, labels)
             loss.backward()
         else:
-            h = dev(ids, am)
+            with autocast():
+                h = dev(ids, am)
             msg = to_wire(h, self.wire, labels, am)
             up, smashed = msg.nbytes, msg.smashed_bytes
             t1 = time.perf_counter()
             # the gradient of the received hidden state is computed only when it is sent back: with no
             # trainable device-side parameter (e.g. c = 0) the server skips block c+1's input gradients
             x = msg.hidden.to(h.dtype).requires_grad_(h.requires_grad)
-            logits = srv(x, msg.attention_mask)
-            loss = srv.loss(logits, msg.labels)
+            with autocast():
+                logits = srv(x, msg.attention_mask)
+                loss = srv.loss(logits, msg.labels)
             loss.backward()
             self.server.opt.step()
             self.server.opt.zero_grad(set_to_none=True)
@@ -361,6 +391,7 @@ class SplitTrainer:
             raise ValueError(f"checkpoint version={state.get('version')!r} is invalid: must be {CHECKPOINT_VERSION}")
         mine = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.config).items()}
         theirs = dict(state["config"])
+        theirs.setdefault("compute_dtype", "float32")  # checkpoints from before the field existed
         for k in ("progress",):
             mine.pop(k), theirs.pop(k, None)
         if mine != theirs:
@@ -431,18 +462,21 @@ def unsplit_training(model: nn.Module, lora_config, batches: Sequence[Mapping[st
                      config: SplitTrainConfig = SplitTrainConfig()):
     """Ordinary peft training of the unsplit model, the reference split training must equal: LoRA initialised
     under ``torch.manual_seed(config.seed)``, one AdamW (same hyper-parameters), the model's own forward and
-    loss, one step per batch in order. ``model`` is copied. Returns ``(peft_model, losses)``."""
+    loss (under ``config.compute_dtype``), one step per batch in order. ``model`` is not modified (its weights
+    are aliased, not copied). Returns ``(peft_model, losses)``."""
     from peft import get_peft_model
 
     torch.manual_seed(config.seed)
-    ref = get_peft_model(copy.deepcopy(model), copy.deepcopy(lora_config))
+    ref = get_peft_model(shared_weight_copy(model), copy.deepcopy(lora_config))
     ref.train()
     opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=config.lr, betas=config.betas,
                             eps=config.eps, weight_decay=config.weight_decay)
     losses = []
     for b in batches:
+        check_has_targets(b["labels"])
         am = b.get("attention_mask") if config.send_attention_mask else None
-        out = ref(input_ids=b["input_ids"], attention_mask=am, labels=b["labels"])
+        with compute_context(config.compute_dtype, b["input_ids"].device.type):
+            out = ref(input_ids=b["input_ids"], attention_mask=am, labels=b["labels"])
         out.loss.backward()
         opt.step()
         opt.zero_grad()
@@ -456,7 +490,7 @@ def _experiment_inputs(model_name_or_path, data_path, n_batches, batch_size, max
 
     model, tok = load_model_and_tokenizer(model_name_or_path, seed=seed, **(tiny_kwargs or {}))
     ds = load_gsm8k(data_path, limit=n_batches * batch_size, seed=seed)
-    batches = tokenize_batches(ds, tok, batch_size, max_length)
+    batches = tokenize_batches(ds, tok, batch_size, max_length, loss_on="all")
     if len(batches) < n_batches:
         raise ValueError(f"data_path={data_path!r} is invalid: holds {len(batches)} mini-batches of {batch_size}, "
                          f"must hold {n_batches}")

@@ -2,44 +2,71 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
 
 from splitlora import paths
-from splitlora.data import (format_example, load_gsm8k, read_jsonl, synthetic_gsm8k, tokenize_batches,
+from splitlora.data import (format_example, format_prompt, load_gsm8k, read_jsonl, synthetic_gsm8k, tokenize_batches,
                             validate_jsonl)
 from splitlora.models import byte_tokenizer
 
-GSM8K = paths.GSM8K_SHARED_DIR
-needs_gsm8k = pytest.mark.skipif(not (GSM8K / "train.jsonl").exists(),
-                                 reason=f"real GSM8K files not found at {GSM8K} (shared data, not in the repo)")
+GSM8K = paths.GSM8K_DIR
 
 
-@needs_gsm8k
 def test_real_gsm8k_files_load_with_datasets():
     first = json.loads((GSM8K / "test.jsonl").open().readline())
     test = load_gsm8k(GSM8K, split="test")
     assert test.column_names == ["question", "answer"]
     assert test[0] == {"question": first["question"], "answer": first["answer"]}
     assert len(test) == validate_jsonl(GSM8K / "test.jsonl") > 1000
+    assert len(load_gsm8k("gsm8k", split="train")) == 7473 and len(test) == 1319  # the shipped copy, by name
+    assert (GSM8K / "LICENSE").read_text().startswith("MIT License")
     train = load_gsm8k(GSM8K / "train.jsonl", limit=10)
     assert len(train) == 10 and all("####" in a for a in train["answer"])
 
 
-@needs_gsm8k
-def test_real_gsm8k_tokenises_into_padded_batches():
+def test_real_gsm8k_tokenises_into_padded_batches_with_answer_only_loss():
     tok = byte_tokenizer()
     ds = load_gsm8k(GSM8K, split="train", limit=8)
-    batches = tokenize_batches(ds, tok, batch_size=4, max_length=400)
+    batches = tokenize_batches(ds, tok, batch_size=4, max_length=1200)
     assert len(batches) == 2
     b = batches[0]
-    assert b["input_ids"].shape == b["labels"].shape == (4, 400)
+    assert b["input_ids"].shape == b["labels"].shape == (4, 1200)
     pad = b["attention_mask"] == 0
-    assert pad.any()  # byte-level GSM8K records are shorter than 400 bytes
-    assert (b["labels"][pad] == -100).all() and (b["labels"][~pad] == b["input_ids"][~pad]).all()
-    text = tok.decode(b["input_ids"][0][b["attention_mask"][0] == 1])
+    assert pad.any()  # byte-level GSM8K records are shorter than 1200 bytes
+    assert (b["labels"][pad] == -100).all()
+    ids, lab = b["input_ids"][0], b["labels"][0]
+    text = tok.decode(ids[b["attention_mask"][0] == 1])
     assert text == format_example(ds[0]["question"], ds[0]["answer"]) + tok.eos_token
+    # the loss is on the answer only: the prompt "Question: ...\nAnswer:" is masked, every answer token kept
+    n_prompt = len(format_prompt(ds[0]["question"]).encode())
+    assert (lab[:n_prompt] == -100).all()
+    answer = lab[n_prompt:][lab[n_prompt:] != -100]
+    assert tok.decode(answer) == " " + ds[0]["answer"] + tok.eos_token
+    assert (lab[n_prompt:n_prompt + len(answer)] == ids[n_prompt:n_prompt + len(answer)]).all()
+    every = tokenize_batches(ds, tok, batch_size=4, max_length=1200, loss_on="all")[0]
+    keep = every["attention_mask"] == 1
+    assert (every["labels"][keep] == every["input_ids"][keep]).all() and torch.equal(every["input_ids"], b["input_ids"])
+
+
+def test_truncation_is_counted_and_reported():
+    tok = byte_tokenizer()
+    ds = load_gsm8k(GSM8K, split="test", limit=8)
+    lengths = [len(format_example(q, a).encode()) + 1 for q, a in zip(ds["question"], ds["answer"])]
+    limit = sorted(lengths)[4]  # records longer than this are cut
+    with pytest.warns(UserWarning, match=rf"{sum(n > limit for n in lengths)} of 8 records are longer than "
+                                         rf"max_length={limit} tokens"):
+        tokenize_batches(ds, tok, batch_size=4, max_length=limit)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tokenize_batches(ds, tok, batch_size=4, max_length=max(lengths))  # nothing truncated: no warning
+
+
+def test_chat_template_formatting_needs_a_template():
+    with pytest.raises(ValueError, match="chat_template=True is invalid"):
+        tokenize_batches(synthetic_gsm8k(4), byte_tokenizer(), batch_size=2, max_length=400, chat_template=True)
 
 
 def test_offline_default_is_gsm8k_format_and_seeded():

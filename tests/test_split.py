@@ -102,15 +102,18 @@ def test_split_gradients_equal_unsplit_with_lora(granularity):
         model.zero_grad()
 
 
-def test_split_parts_hold_disjoint_units_and_own_head_copy():
+def test_split_parts_hold_disjoint_units_and_a_frozen_head_without_copy():
     model = tiny_model("llama", tie=True)
     dev, srv = split_model(model, 2, "sublayer")
     dev_ids = {id(p) for p in dev.parameters()}
     srv_ids = {id(p) for p in srv.parameters()}
     assert not dev_ids & srv_ids
     emb = model.model.embed_tokens.weight
-    assert srv.lm_head.weight is not emb and not srv.lm_head.weight.requires_grad
-    torch.testing.assert_close(srv.lm_head.weight, emb, rtol=0, atol=0)
+    assert id(emb) in dev_ids and all(p.data_ptr() != emb.data_ptr() for p in srv.parameters())
+    h = torch.randn(1, 3, model.config.hidden_size, requires_grad=True)
+    srv.lm_head(h).sum().backward()  # the head reads the embedding matrix (no copy) and sends it no gradient
+    assert emb.grad is None and h.grad is not None
+    torch.testing.assert_close(srv.lm_head(h), h @ emb.T, rtol=0, atol=0)
     # cut 2 of 6 sub-layers: block 1 whole on the device, blocks 2 and 3 on the server
     assert id(model.model.layers[0].mlp.up_proj.weight) in dev_ids
     assert id(model.model.layers[1].self_attn.q_proj.weight) in srv_ids

@@ -223,7 +223,7 @@ def test_offline_default_end_to_end_and_checkpoint_loading(tmp_path):
 
     model, tok = load_model_and_tokenizer(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2)
     assert model.config.model_type == "llama" and model.config.tie_word_embeddings and len(tok) == 259
-    batches = tokenize_batches(load_gsm8k(None, limit=8), tok, batch_size=2, max_length=48)
+    batches = tokenize_batches(load_gsm8k(None, limit=8), tok, batch_size=2, max_length=48, loss_on="all")
     trainer = SplitTrainer(model, lora_config(True, 0.0), SplitTrainConfig(lr=1e-2))
     logs = trainer.run([batches[:2], batches[2:]], [[1, 2], [0, 1]], rounds=2, steps_per_round=2)
     assert len(logs) == 8 and all(math.isfinite(x.loss) for x in logs)
@@ -302,7 +302,7 @@ def test_compare_split_unsplit_on_real_gsm8k():
     from splitlora import paths
     from splitlora.training import compare_split_unsplit
 
-    path = paths.GSM8K_SHARED_DIR / "train.jsonl"
+    path = paths.GSM8K_DIR / "train.jsonl"
     if not path.exists():
         pytest.skip(f"real GSM8K file not found at {path}")
     df = compare_split_unsplit(data_path=path, cuts=[1], steps=2, num_devices=2, batch_size=2, max_length=64,
