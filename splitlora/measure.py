@@ -28,7 +28,7 @@ import time
 import torch
 
 from ._validate import check_choice, check_int_range, check_positive
-from .split import GRANULARITIES, WIRE_DTYPES, num_units, split_model, tensor_bytes, wire_dtype_of
+from .split import GRANULARITIES, WIRE_DTYPES, num_units, shared_weight_copy, split_model, tensor_bytes, wire_dtype_of
 
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -151,7 +151,8 @@ def measure_split_profile(config=None, *, cuts=None, granularity: str = "block",
         wire_dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``. repeats, warmup: timed / untimed steps
             per cut; with ``warmup_each_cut=False`` the untimed steps run before the first cut only (the
             kernels and the allocator are warm after that; saves time on a large model).
-        model: an existing ``*ForCausalLM`` (overrides ``config``; it gets LoRA in place).
+        model: an existing ``*ForCausalLM`` (overrides ``config``; not modified: LoRA goes on a copy that aliases
+            its weights).
         clock: ``"wall"`` or ``"cpu"`` (:func:`measure_cut`); threads: torch intra-op threads during the
             measurement (restored after; default: leave as is). On a shared host use ``clock="cpu", threads=1``.
     Returns one row per cut (columns: see the module docstring). Runtime grows with L x repeats;
@@ -170,6 +171,8 @@ def measure_split_profile(config=None, *, cuts=None, granularity: str = "block",
     if model is None:
         config = config if config is not None else llama32_1b_config(num_layers)
         model = model_from_config(config, seed=seed, dtype=dtype)
+    else:
+        model = shared_weight_copy(model)
     model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0,
                                              target_modules=list(lora_targets)))
     model.train()
@@ -296,15 +299,19 @@ def measure_and_predict(config=None, *, num_layers: int | None = None, granulari
                         lora_targets=DEFAULT_LORA_TARGETS, wire_dtype: str = "float32", repeats: int = 3,
                         warmup: int = 1, warmup_each_cut: bool = True, clock: str = "wall",
                         threads: int | None = None, seed: int = 0, dtype: torch.dtype = torch.float32,
-                        host_flops_per_s: float | None = None, progress: bool = False):
-    """:func:`measure_split_profile` at every cut, then :func:`predicted_vs_measured` against the profile
-    of the same architecture, B, s, LoRA and dtypes. ``config`` default: the Llama-3.2-1B architecture
-    (random weights), ``num_layers`` blocks of it. Returns the prediction table (one row per cut)."""
+                        host_flops_per_s: float | None = None, progress: bool = False, model=None, cuts=None):
+    """:func:`measure_split_profile` at every cut (or ``cuts``), then :func:`predicted_vs_measured` against the
+    profile of the same architecture, B, s, LoRA and dtypes. ``config`` default: the Llama-3.2-1B architecture
+    (random weights), ``num_layers`` blocks of it; ``model``: a loaded ``*ForCausalLM`` instead (e.g. the real
+    SmolLM2-135M; not modified). Returns the prediction table (one row per cut)."""
     from .models import llama32_1b_config
     from .profile import profile_model
 
+    if model is not None:
+        config = model.config
     config = config if config is not None else llama32_1b_config(num_layers)
-    measured = measure_split_profile(config, granularity=granularity, batch_size=batch_size, seq_len=seq_len,
+    measured = measure_split_profile(config, model=model, cuts=cuts, granularity=granularity,
+                                     batch_size=batch_size, seq_len=seq_len,
                                      lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=lora_targets,
                                      wire_dtype=wire_dtype, repeats=repeats, warmup=warmup, seed=seed,
                                      dtype=dtype, progress=progress, warmup_each_cut=warmup_each_cut,

@@ -38,7 +38,7 @@ from splitlora._validate import check_choice, check_int_range, check_positive
 from splitlora.paths import DATA_DIR
 
 MODELS_DIR = DATA_DIR / "models"
-SHIPPED_MODELS = {"llama-3.2-1b": "llama-3.2-1b.json", "t5-large": "t5-large.json"}
+SHIPPED_MODELS = {"llama-3.2-1b": "llama-3.2-1b.json", "t5-large": "t5-large.json", "smollm2-135m": "smollm2-135m.json"}
 DECODER_FAMILIES = ("llama", "mistral", "qwen2")
 GRANULARITIES = ("block", "sublayer")
 ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")

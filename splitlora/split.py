@@ -148,25 +148,33 @@ def num_units(model: nn.Module, granularity: str = "block") -> int:
 class _Context:
     """What every block needs besides the hidden state: rebuilt locally from shapes on each side."""
 
-    position_ids: torch.Tensor  # (1, s)
-    position_embeddings: tuple[torch.Tensor, torch.Tensor]  # cos, sin: (1, s, head_dim)
+    position_ids: torch.Tensor  # (1, s), or (B, s) when given (generation with left padding)
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]  # cos, sin: (1 or B, s, head_dim)
     masks: dict  # layer type -> mask in the format of the attention implementation (or None)
+    cache: object = None  # a transformers Cache (KV cache of generation) or None (training)
 
 
 def _build_context(hf: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
-                   layer_types: set[str]) -> _Context:
-    """Rebuild position ids, rotary embeddings and masks from ``hidden`` (B, s, H) and the padding mask."""
+                   layer_types: set[str], position_ids: torch.Tensor | None = None, cache=None,
+                   first_layer: int | None = None) -> _Context:
+    """Rebuild position ids, rotary embeddings and masks from ``hidden`` (B, s, H) and the padding mask.
+
+    With a KV ``cache`` the positions continue after the tokens that the first layer of this part
+    (``first_layer``) has cached, and the masks cover cached + new tokens (``attention_mask`` then (B, past + s)).
+    """
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
     s = hidden.shape[1]
-    position_ids = torch.arange(s, device=hidden.device).unsqueeze(0)
+    if position_ids is None:
+        past = cache.get_seq_length(first_layer) if cache is not None and first_layer is not None else 0
+        position_ids = torch.arange(past, past + s, device=hidden.device).unsqueeze(0)
     pe = hf.model.rotary_emb(hidden, position_ids=position_ids)
-    kw = dict(config=hf.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None,
-              position_ids=position_ids)
+    kw = dict(config=hf.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=cache,
+              position_ids=position_ids, layer_idx=first_layer if cache is not None else None)
     masks = {}
     for t in layer_types:
         masks[t] = create_sliding_window_causal_mask(**kw) if t == "sliding_attention" else create_causal_mask(**kw)
-    return _Context(position_ids, pe, masks)
+    return _Context(position_ids, pe, masks, cache)
 
 
 def _layer_type(hf: nn.Module, k: int) -> str:
@@ -183,30 +191,31 @@ def _layer_type(hf: nn.Module, k: int) -> str:
 class _BlockUnit(nn.Module):
     """One whole decoder block (its own forward, so it is the exact unsplit computation)."""
 
-    def __init__(self, layer: nn.Module, layer_type: str):
+    def __init__(self, layer: nn.Module, layer_type: str, layer_idx: int):
         super().__init__()
         self.layer = layer
-        self.layer_type = layer_type
+        self.layer_type, self.layer_idx = layer_type, layer_idx
 
     def forward(self, h: torch.Tensor, ctx: _Context) -> torch.Tensor:
         out = self.layer(h, attention_mask=ctx.masks[self.layer_type], position_ids=ctx.position_ids,
-                         position_embeddings=ctx.position_embeddings, use_cache=False)
+                         position_embeddings=ctx.position_embeddings, cache=ctx.cache,
+                         use_cache=ctx.cache is not None)
         return out[0] if isinstance(out, tuple) else out
 
 
 class _AttentionUnit(nn.Module):
     """Unit 2k-1: h + self_attn(input_layernorm(h)) of block k."""
 
-    def __init__(self, layer: nn.Module, layer_type: str):
+    def __init__(self, layer: nn.Module, layer_type: str, layer_idx: int):
         super().__init__()
         self.input_layernorm = layer.input_layernorm
         self.self_attn = layer.self_attn
-        self.layer_type = layer_type
+        self.layer_type, self.layer_idx = layer_type, layer_idx
 
     def forward(self, h: torch.Tensor, ctx: _Context) -> torch.Tensor:
         a, _ = self.self_attn(hidden_states=self.input_layernorm(h), attention_mask=ctx.masks[self.layer_type],
                               position_ids=ctx.position_ids, position_embeddings=ctx.position_embeddings,
-                              use_cache=False)
+                              cache=ctx.cache, use_cache=ctx.cache is not None)
         return h + a
 
 
@@ -214,6 +223,7 @@ class _MLPUnit(nn.Module):
     """Unit 2k: h + mlp(post_attention_layernorm(h)) of block k."""
 
     layer_type = None
+    layer_idx = None
 
     def __init__(self, layer: nn.Module):
         super().__init__()
@@ -229,9 +239,9 @@ def _units(hf: nn.Module, granularity: str) -> list[nn.Module]:
     for k, layer in enumerate(hf.model.layers):
         t = _layer_type(hf, k)
         if granularity == "block":
-            out.append(_BlockUnit(layer, t))
+            out.append(_BlockUnit(layer, t, k))
         else:
-            out += [_AttentionUnit(layer, t), _MLPUnit(layer)]
+            out += [_AttentionUnit(layer, t, k), _MLPUnit(layer)]
     return out
 
 
@@ -255,10 +265,13 @@ class _Stack(nn.Module):
         self.units = nn.ModuleList(units)
         self._hf = [hf]  # list: keep out of the module tree (no double registration)
         self.layer_types = {u.layer_type for u in units if u.layer_type is not None}
+        self.first_layer = min((u.layer_idx for u in units if u.layer_idx is not None), default=None)
 
-    def forward(self, h: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, attention_mask: torch.Tensor | None, position_ids=None,
+                cache=None) -> torch.Tensor:
         if len(self.units):
-            ctx = _build_context(self._hf[0], h, attention_mask, self.layer_types)
+            ctx = _build_context(self._hf[0], h, attention_mask, self.layer_types, position_ids, cache,
+                                 self.first_layer)
             for u in self.units:
                 h = u(h, ctx)
         return h
@@ -270,6 +283,8 @@ class DevicePart(nn.Module):
 
     ``forward(input_ids (B, s) long, attention_mask (B, s) or None)`` returns the hidden state at the cut,
     shape (B, s, H), in the model's dtype, or, when ``cut_layer == num_units``, the logits (B, s, V).
+    For generation, ``position_ids`` (B, s) and a transformers KV ``cache`` (this side's own) may be given; the
+    mask then covers cached + new tokens, (B, past + s).
     """
 
     def __init__(self, hf: nn.Module, units: list[nn.Module], cut_layer: int, n_units: int):
@@ -282,8 +297,9 @@ class DevicePart(nn.Module):
             self.norm, self.lm_head = hf.model.norm, hf.lm_head
         self._hf = [hf]
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.stack(self.embed_tokens(input_ids), attention_mask)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        h = self.stack(self.embed_tokens(input_ids), attention_mask, position_ids, cache)
         if self.is_full:
             return self.lm_head(self.norm(h))
         return h
@@ -296,8 +312,8 @@ class DevicePart(nn.Module):
 class ServerPart(nn.Module):
     """Units c+1..L + final norm + LM head + loss.
 
-    ``forward(hidden (B, s, H), attention_mask (B, s) or None)`` returns logits (B, s, V). For a
-    tied-embedding model the head is the server's own frozen copy of the embedding matrix.
+    ``forward(hidden (B, s, H), attention_mask (B, s) or None)`` returns logits (B, s, V); ``position_ids`` and
+    ``cache`` as for :class:`DevicePart`. For a tied-embedding model the head is the frozen embedding matrix.
     Raises RuntimeError if called when ``cut_layer == num_units`` (the server is idle).
     """
 
@@ -311,10 +327,11 @@ class ServerPart(nn.Module):
             self.lm_head = _FrozenHead(_base_weight(hf.lm_head)) if is_tied(hf) else hf.lm_head
         self._hf = [hf]
 
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         if self.is_idle:
             raise RuntimeError(f"cut_layer={self.cut_layer} = L: the device runs everything, the server is idle")
-        return self.lm_head(self.norm(self.stack(hidden, attention_mask)))
+        return self.lm_head(self.norm(self.stack(hidden, attention_mask, position_ids, cache)))
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Causal-LM loss: mean cross-entropy of shifted labels (B, s), -100 ignored. Scalar."""

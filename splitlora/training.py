@@ -241,6 +241,7 @@ class SplitTrainer:
         self.server.set_owned(list(self.server.params))  # the server starts with the initial adapter
         self.device.wipe()
         self.cut: int | None = None
+        self._moved_outside_steps = 0  # LoRA bytes moved by a re-split for evaluation, logged with the next step
         self.device_id: int | None = None
         self.global_step = 0
         self.logs: list[StepLog] = []
@@ -278,7 +279,23 @@ class SplitTrainer:
         self.device_id = device_id
         if cut != self.cut:
             moved += self._set_cut(int(cut))
+        moved, self._moved_outside_steps = moved + self._moved_outside_steps, 0
         return moved
+
+    def split_lm(self, cut_layer: int | None = None, compute_dtype: str | None = None):
+        """The split model as one language model for evaluation (:class:`splitlora.evaluation.SplitLM`): the
+        device in turn's part and the server's part at ``cut_layer`` (default: the current cut, else L/2),
+        smashed data cast to the wire dtype, ``compute_dtype`` (default: the trainer's). A new cut moves the LoRA
+        tensors between the sides as a training step would (their bytes are logged with the next step)."""
+        from .evaluation import SplitLM
+
+        if cut_layer is None:
+            cut_layer = self.cut if self.cut is not None else self.num_units // 2
+        check_int_range("cut_layer", cut_layer, 0, self.num_units)
+        if cut_layer != self.cut:
+            self._moved_outside_steps += self._set_cut(int(cut_layer))
+        return SplitLM(self.device.part, self.server.part, self.config.wire_dtype,
+                       compute_dtype or self.config.compute_dtype, modules=[self.device.model, self.server.model])
 
     # ------------------------------------------------------------------ one step
     def step(self, batch: Mapping[str, torch.Tensor], device_id: int = 0, cut_layer: int | None = None,
