@@ -13,6 +13,8 @@ Source: docs/split-training.md, "Workload". Nothing is built at import time.
 from __future__ import annotations
 
 import numbers
+import os
+from pathlib import Path
 
 import torch
 
@@ -152,7 +154,9 @@ def load_model_and_tokenizer(model_name_or_path: str | None = None, *, seed: int
     * a local folder of a transformers checkpoint (safetensors) or a Hub id (needs the network or the HF cache).
 
     Every other keyword reaches the loader: ``tiny_llama_config`` for the default (an unknown keyword raises
-    TypeError there), ``AutoModelForCausalLM.from_pretrained`` otherwise. The tokenizer gets a pad token (EOS)
+    TypeError there), ``AutoModelForCausalLM.from_pretrained`` otherwise. A GGUF model is dequantised once and then
+    loaded from a safetensors copy in ``$SPLITLORA_CACHE_DIR`` (default ``~/.cache/splitlora``; set it empty for no
+    cache); it saves with ``save_pretrained`` like any model. The tokenizer gets a pad token (EOS)
     if it lacks one, and right padding. Raises ValueError for a bad ``attn_implementation``, ``seed`` or
     name, ModuleNotFoundError if a named model's package is missing, OSError (with the path) for a path
     that does not exist. Source: docs/split-training.md, "Workload".
@@ -165,10 +169,76 @@ def load_model_and_tokenizer(model_name_or_path: str | None = None, *, seed: int
             raise ValueError(f"gguf_file={gguf_file!r} is invalid without model_name_or_path (the folder)")
         cfg = tiny_llama_config(attn_implementation=attn_implementation, **kwargs)
         return model_from_config(cfg, seed=seed, dtype=dtype), byte_tokenizer()
-    from pathlib import Path
+    from transformers import AutoModelForCausalLM
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    source, extra = resolve_source(model_name_or_path, gguf_file)
+    cached = _gguf_cache_dir(Path(source) / extra["gguf_file"]) if extra and not kwargs else None
+    if cached is not None and (cached / "model.safetensors").is_file():
+        model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype, attn_implementation=attn_implementation)
+        tok = load_tokenizer(cached)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation,
+                                                     **extra, **kwargs)
+        tok = load_tokenizer(model_name_or_path, gguf_file=gguf_file)
+        if extra:
+            _forget_gguf_quantizer(model)
+            if cached is not None and dtype == torch.float32:  # the cache holds the fp32 dequantised values
+                _write_cache(cached, model, tok)
+    model.eval()
+    model.config.use_cache = False
+    return model, tok
 
+
+def _forget_gguf_quantizer(model) -> None:
+    """A GGUF checkpoint is dequantised on load (to the requested dtype), yet transformers keeps it marked as
+    quantised and refuses ``save_pretrained``; drop the mark, so the model saves like any other."""
+    model.hf_quantizer, model.is_quantized, model.quantization_method = None, False, None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def _gguf_cache_dir(gguf: Path) -> Path | None:
+    """Where the dequantised copy of ``gguf`` is kept (safetensors, fp32):
+    ``$SPLITLORA_CACHE_DIR`` (default ``~/.cache/splitlora``; empty: no cache), keyed by the file's path, size and
+    modification time. Loading a cached copy takes well under a second instead of ~20 s of dequantisation."""
+    import hashlib
+
+    root = os.environ.get("SPLITLORA_CACHE_DIR", str(Path.home() / ".cache" / "splitlora"))
+    if not root:
+        return None
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return Path(root).expanduser() / f"{gguf.stem}-{key}"
+
+
+def _write_cache(folder: Path, model, tokenizer) -> None:
+    """Save model and tokenizer to a temporary folder beside ``folder``, then rename it into place (whole or not at
+    all; a concurrent writer that got there first wins). A cache that cannot be written is skipped with a warning."""
+    import shutil
+    import tempfile
+    import warnings
+
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            os.rename(tmp, folder)
+        except OSError:
+            if not (folder / "model.safetensors").is_file():
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as err:
+        warnings.warn(f"the dequantised model cache {folder} could not be written ({err}); loading stays slow",
+                      UserWarning, stacklevel=3)
+
+
+def resolve_source(model_name_or_path: str, gguf_file: str | None = None) -> tuple[str, dict]:
+    """``(folder or Hub id, {"gguf_file": name} or {})`` that transformers' ``from_pretrained`` takes for
+    ``model_name_or_path``: a named model (``NAMED_MODELS``), a ``.gguf`` file, a folder (with ``gguf_file``) or a
+    Hub id. Raises ValueError / ModuleNotFoundError / OSError as :func:`load_model_and_tokenizer`."""
     source = str(model_name_or_path)
     if source.lower() in NAMED_MODELS:
         if gguf_file is not None:
@@ -176,7 +246,7 @@ def load_model_and_tokenizer(model_name_or_path: str | None = None, *, seed: int
         folder, gguf_file = named_model_file(source)
         source = str(folder)
     elif source.lower().endswith(".gguf"):
-        p = Path(source)
+        p = Path(source).expanduser()
         if not p.is_file():
             raise OSError(f"model_name_or_path={source!r} is invalid: no such GGUF file")
         source, gguf_file = str(p.parent), p.name
@@ -184,12 +254,17 @@ def load_model_and_tokenizer(model_name_or_path: str | None = None, *, seed: int
         raise OSError(f"model_name_or_path={source!r} is invalid: no such folder (a Hub id is 'org/name')")
     if gguf_file is not None and Path(source).is_dir() and not (Path(source) / gguf_file).is_file():
         raise OSError(f"gguf_file={gguf_file!r} is invalid: {Path(source) / gguf_file} does not exist")
-    extra = {} if gguf_file is None else {"gguf_file": gguf_file}
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation,
-                                                 **extra, **kwargs).eval()
-    model.config.use_cache = False
+    return source, ({} if gguf_file is None else {"gguf_file": gguf_file})
+
+
+def load_tokenizer(model_name_or_path: str, gguf_file: str | None = None):
+    """The tokenizer of a real model (as :func:`resolve_source` finds it), with a pad token (EOS if it has none)
+    and right padding."""
+    from transformers import AutoTokenizer
+
+    source, extra = resolve_source(model_name_or_path, gguf_file)
     tok = AutoTokenizer.from_pretrained(source, **extra)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
-    return model, tok
+    return tok

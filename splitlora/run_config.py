@@ -243,6 +243,10 @@ def check_run_config(cfg: RunConfig) -> None:
     _check_keys("model", cfg.model)
     if "name_or_path" not in cfg.model:
         tiny_llama_config(**{k: v for k, v in cfg.model.items() if k != "seed"})
+    else:
+        from .models import resolve_source
+
+        resolve_source(cfg.model["name_or_path"])  # a named model's package installed, a local path present
     _check_keys("lora", cfg.lora)
     if cfg.card_scenario is not None:
         _check_keys("card_scenario", cfg.card_scenario)
@@ -275,7 +279,8 @@ def compute_device(d: DistConfig) -> torch.device:
 
 
 def build_base_model(cfg: RunConfig):
-    """The frozen base model: the offline tiny Llama (``tiny_llama_config(**model)``) or ``name_or_path``."""
+    """The frozen base model: the offline tiny Llama (``tiny_llama_config(**model)``) or ``name_or_path`` (a named
+    real model such as ``"smollm2-135m"``, a GGUF file, a folder or a Hub id: :func:`splitlora.models.load_model_and_tokenizer`)."""
     from .models import load_model_and_tokenizer
 
     kw = dict(cfg.model)
@@ -297,12 +302,9 @@ def build_tokenizer(cfg: RunConfig):
         from .models import byte_tokenizer
 
         return byte_tokenizer()
-    from transformers import AutoTokenizer
+    from .models import load_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(name)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
+    return load_tokenizer(name)
 
 
 def gsm8k_batches(cfg: RunConfig, vocab_size: int, tokenizer=None) -> list[list[dict]]:
