@@ -71,6 +71,7 @@ from .run_config import (SYNTHETIC_GSM8K, DistConfig, LinkConfig, RunConfig, bui
                          cost_model, decide_cut, device_batches, device_profile, gsm8k_batches, load_config,
                          lora_config, planned_cuts, run_in_process)
 from .training import LoraNode, StepLog, trainable_names  # noqa: F401
+from .split import compute_context
 from .wire import (ADAM_FIELDS, DTYPES, FAKE_NCCL_ENV, HEADER_LEN, K_ADAPTER, K_COUNT, K_CTRL,  # noqa: F401
                    K_GRAD, K_HELLO, K_HIDDEN, K_LABELS, K_LOSS, K_MASK, K_PROFILE, K_RATES, K_STATS, K_TRANSPORT,
                    MAGIC, MAX_DIMS, TRANSPORTS, Link, ProtocolError, _local_addr, choose_transport, cuda_sync,
@@ -137,7 +138,7 @@ class Server:
         self.cfg, self.d = cfg, cfg.dist
         base = build_base_model(cfg)
         torch.manual_seed(cfg.train.seed)  # as SplitTrainer: same LoRA initialisation
-        model = get_peft_model(copy.deepcopy(base), lora_config(cfg))
+        model = get_peft_model(base, lora_config(cfg))  # this process's own base model: no copy needed
         model.train()
         self.dev = compute_device(self.d)
         self.nccl = nccl_capable(self.dev)
@@ -292,8 +293,9 @@ class Server:
                 x = hid.to(self.dev, self.dtype).requires_grad_(bool(d_own))
                 labels, am = labels.to(self.dev), (None if am is None else am.to(self.dev))
                 t1 = time.perf_counter()
-                logits = s_part(x, am)
-                loss = s_part.loss(logits, labels)
+                with compute_context(cfg.train.compute_dtype, self.dev.type):
+                    logits = s_part(x, am)
+                    loss = s_part.loss(logits, labels)
                 loss.backward()
                 node.opt.step()
                 node.opt.zero_grad(set_to_none=True)
@@ -406,7 +408,7 @@ class Device:
         self.cfg, self.d, self.m = cfg, cfg.dist, m
         base = build_base_model(cfg)
         torch.manual_seed(cfg.train.seed)
-        model = get_peft_model(copy.deepcopy(base), lora_config(cfg))
+        model = get_peft_model(base, lora_config(cfg))  # this process's own base model: no copy needed
         model.train()
         self.dev = compute_device(self.d)
         self.nccl = nccl_capable(self.dev)
@@ -442,9 +444,10 @@ class Device:
             b = {k: v.to(self.dev) for k, v in self.data[(n * I + i) % len(self.data)].items()}
             am = b["attention_mask"] if cfg.train.send_attention_mask else None
             t0, t_down, t_wait = time.perf_counter(), 0.0, 0.0
-            h = d_part(b["input_ids"], am)
+            with compute_context(cfg.train.compute_dtype, self.dev.type):
+                h = d_part(b["input_ids"], am)
+                loss = d_part.loss(h, b["labels"]) if d_part.is_full else None
             if d_part.is_full:
-                loss = d_part.loss(h, b["labels"])
                 loss.backward()
                 link.send(loss.detach().float().reshape(1), K_LOSS)
             else:

@@ -190,3 +190,13 @@ def test_extract_answer_rules():
     assert extract_answer("She pays $12.50, then 3 more: 15.5") == (15.5, "last number")
     assert extract_answer("no idea") == (None, "none")
     assert extract_answer("#### -3") == (-3.0, "after ####")
+
+
+def test_distributed_run_on_the_real_model_equals_in_process(tmp_path):
+    from splitlora import distributed_report as dr
+
+    table = dr.compare_with_in_process("real_model", workdir=tmp_path)
+    assert len(table) == 1 * 2 * 2 and (table.cut_layer == 15).all()  # rounds x devices x steps, the configured cut
+    assert (table.loss_abs_diff == 0).all() and table.loss_distributed.notna().all()
+    assert (table.smashed_bytes == 2 * 192 * 576 * 2).all()  # B s H x 2 bytes of bfloat16
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
