@@ -147,8 +147,9 @@ def main(argv=None) -> dict:
                 "uncommitted_used_files": git("status", "--porcelain", "--", *USED_FILES)},
     }
     if not a.smoke or a.out != str(BENCHMARK_RESULTS_DIR / "real_model.json"):
-        with open(a.out, "w") as f:
-            json.dump(result, f, indent=2)
+        from splitlora.atomic import atomic_write
+
+        atomic_write(a.out, lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
         print("wrote", a.out)
     return result
 

@@ -134,13 +134,14 @@ def load_gsm8k(source: str | os.PathLike | None = None, split: str = "train", li
     """GSM8K-format records as a ``datasets.Dataset`` (columns question, answer).
 
     ``source``: None (offline synthetic default, ``limit`` records or 512), ``"gsm8k"`` (the shipped copy of the
-    real GSM8K in ``data/gsm8k``: 7,473 train / 1,319 test records, MIT), a ``.jsonl`` file, a folder with
+    real GSM8K in ``data/gsm8k``: 7,473 train / 1,319 test records, MIT; unless a local ``gsm8k`` path exists,
+    which is then read), a ``.jsonl`` file, a folder with
     ``<split>.jsonl``, or a Hugging Face dataset name (online; ``"openai/gsm8k"`` uses config ``"main"``).
     ``split``: ``"train"`` or ``"test"``. Raises ValueError for a malformed record (with its line number)
     or a bad split; FileNotFoundError for a folder without the split's file.
     """
     check_choice("split", split, ("train", "test"))
-    if isinstance(source, str) and source.lower() == "gsm8k":
+    if isinstance(source, str) and source.lower() == "gsm8k" and not Path(source).exists():
         from .paths import GSM8K_DIR
 
         source = GSM8K_DIR
@@ -200,7 +201,7 @@ def tokenize_batches(dataset, tokenizer, batch_size: int = 4, max_length: int = 
             ids = (p_ids + a_ids)[:max_length]
             lab = ([-100] * len(p_ids) + a_ids)[:max_length] if loss_on == "answer" else list(ids)
             truncated += len(p_ids) + len(a_ids) > max_length
-            no_answer += all(t == -100 for t in lab)
+            no_answer += len(p_ids) >= max_length
             seqs.append((ids, lab))
         used += len(seqs)
         s = max_length if padding == "max_length" else max(len(x) for x, _ in seqs)

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from ._validate import check_choice, check_int_range
-from .split import COMPUTE_DTYPES, DevicePart, ServerPart, compute_context, to_wire, wire_dtype_of
+from .split import (COMPUTE_DTYPES, DevicePart, ServerPart, causal_lm_loss, compute_context, num_targets, to_wire,
+                    wire_dtype_of)
 
 ANSWER_RULES = ("after ####", "last number", "none")
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
@@ -36,13 +37,12 @@ class SplitLM:
         self.device, self.server, self.wire = device, server, wire_dtype_of(wire_dtype)
         self.compute_dtype = compute_dtype
         self.modules = list(modules) or [device, server]
-        self.config = device._hf[0].config
+        self.hf = device._hf[0]
+        self.config = self.hf.config
 
     def new_cache(self):
-        """``(device cache, server cache)``: two empty transformers ``DynamicCache`` objects."""
-        from transformers import DynamicCache
-
-        return DynamicCache(config=self.config), DynamicCache(config=self.config)
+        """``(device cache, server cache)``: one empty transformers KV cache per side."""
+        return _new_cache(self.config), _new_cache(self.config)
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None, cache=None) -> torch.Tensor:
         dc, sc = cache if cache is not None else (None, None)
@@ -59,18 +59,22 @@ class _HFLM:
 
     def __init__(self, model: nn.Module, compute_dtype: str = "float32"):
         check_choice("compute_dtype", compute_dtype, COMPUTE_DTYPES)
-        self.model, self.compute_dtype, self.modules = model, compute_dtype, [model]
+        self.model, self.compute_dtype, self.modules, self.hf = model, compute_dtype, [model], model
         self.config = model.config
 
     def new_cache(self):
-        from transformers import DynamicCache
-
-        return DynamicCache(config=self.config)
+        return _new_cache(self.config)
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None, cache=None) -> torch.Tensor:
         with compute_context(self.compute_dtype, input_ids.device.type):
             return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                               cache=cache, use_cache=cache is not None).logits
+
+
+def _new_cache(config):
+    from transformers import DynamicCache
+
+    return DynamicCache(config=config)
 
 
 def as_lm(model, compute_dtype: str | None = None):
@@ -126,11 +130,10 @@ def answer_loss(model, batches: Sequence[Mapping[str, torch.Tensor]], *, compute
     total, count, records = 0.0, 0, 0
     with _EvalMode(lm):
         for b in batches:
-            out = lm(b["input_ids"]).float()
-            lab = b["labels"][:, 1:]
-            total += float(nn.functional.cross_entropy(out[:, :-1].reshape(-1, out.shape[-1]), lab.reshape(-1),
-                                                       ignore_index=-100, reduction="sum"))
-            count += int((lab != -100).sum())
+            n = num_targets(b["labels"])
+            if n:  # the model's own causal-LM loss (a mean over n targets), as in training
+                total += float(causal_lm_loss(lm.hf, lm(b["input_ids"]), b["labels"])) * n
+            count += n
             records += int(b["input_ids"].shape[0])
     if count == 0:
         raise ValueError("batches are invalid: no target token (every label is -100)")
@@ -147,18 +150,19 @@ def greedy_generate(model, tokenizer, questions: Sequence[str], *, max_new_token
     check_int_range("max_new_tokens", max_new_tokens, 1, 10**5)
     check_int_range("batch_size", batch_size, 1, 10**5)
     lm = as_lm(model, compute_dtype)
+    where = next(lm.modules[0].parameters()).device
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     texts = []
     with _EvalMode(lm):
         for i in range(0, len(questions), batch_size):
             prompts = [encode_prompt(tokenizer, q, chat_template) for q in questions[i:i + batch_size]]
             P = max(map(len, prompts))
-            ids = torch.tensor([[pad] * (P - len(p)) + p for p in prompts])
-            mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+            ids = torch.tensor([[pad] * (P - len(p)) + p for p in prompts], device=where)
+            mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], device=where)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             cache = lm.new_cache()
             out = lm(ids, mask, pos, cache)
-            done = torch.zeros(len(prompts), dtype=torch.bool)
+            done = torch.zeros(len(prompts), dtype=torch.bool, device=where)
             new = []
             for _ in range(max_new_tokens):
                 nxt = out[:, -1].argmax(-1)

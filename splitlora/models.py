@@ -172,7 +172,8 @@ def load_model_and_tokenizer(model_name_or_path: str | None = None, *, seed: int
     from transformers import AutoModelForCausalLM
 
     source, extra = resolve_source(model_name_or_path, gguf_file)
-    cached = _gguf_cache_dir(Path(source) / extra["gguf_file"]) if extra and not kwargs else None
+    local_gguf = Path(source) / extra["gguf_file"] if extra else None
+    cached = _gguf_cache_dir(local_gguf) if local_gguf is not None and local_gguf.is_file() and not kwargs else None
     if cached is not None and (cached / "model.safetensors").is_file():
         model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype, attn_implementation=attn_implementation)
         tok = load_tokenizer(cached)
@@ -180,8 +181,7 @@ def load_model_and_tokenizer(model_name_or_path: str | None = None, *, seed: int
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation,
                                                      **extra, **kwargs)
         tok = load_tokenizer(model_name_or_path, gguf_file=gguf_file)
-        if extra:
-            _forget_gguf_quantizer(model)
+        if extra and _forget_gguf_quantizer(model):
             if cached is not None and dtype == torch.float32:  # the cache holds the fp32 dequantised values
                 _write_cache(cached, model, tok)
     model.eval()
@@ -189,12 +189,17 @@ def load_model_and_tokenizer(model_name_or_path: str | None = None, *, seed: int
     return model, tok
 
 
-def _forget_gguf_quantizer(model) -> None:
+def _forget_gguf_quantizer(model) -> bool:
     """A GGUF checkpoint is dequantised on load (to the requested dtype), yet transformers keeps it marked as
-    quantised and refuses ``save_pretrained``; drop the mark, so the model saves like any other."""
+    quantised and refuses ``save_pretrained``; drop the mark, so the model saves like any other. Only when no packed
+    GGUF module is left (transformers keeps weights packed where a ``kernels`` GGUF kernel exists for the device):
+    then the mark stays and False is returned."""
+    if any(type(m).__name__.lower().startswith("gguf") for m in model.modules()):
+        return False
     model.hf_quantizer, model.is_quantized, model.quantization_method = None, False, None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    return True
 
 
 def _gguf_cache_dir(gguf: Path) -> Path | None:
@@ -212,8 +217,10 @@ def _gguf_cache_dir(gguf: Path) -> Path | None:
 
 
 def _write_cache(folder: Path, model, tokenizer) -> None:
-    """Save model and tokenizer to a temporary folder beside ``folder``, then rename it into place (whole or not at
-    all; a concurrent writer that got there first wins). A cache that cannot be written is skipped with a warning."""
+    """Save model and tokenizer to a temporary folder beside ``folder``, then rename the folder into place: a reader
+    sees the whole cache or none (``atomic.atomic_save_folder`` renames file by file, which suits replacing an
+    adapter but not a cache read by presence); a concurrent writer that got there first wins. A cache that cannot be
+    written is skipped with a warning."""
     import shutil
     import tempfile
     import warnings
@@ -230,7 +237,7 @@ def _write_cache(folder: Path, model, tokenizer) -> None:
                 raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    except OSError as err:
+    except Exception as err:  # noqa: BLE001 - the model is loaded; a cache is only a speed-up
         warnings.warn(f"the dequantised model cache {folder} could not be written ({err}); loading stays slow",
                       UserWarning, stacklevel=3)
 

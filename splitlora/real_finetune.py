@@ -74,6 +74,7 @@ def prepare_finetune(model_name_or_path: str = "smollm2-135m", data: str = "gsm8
     from .hardware import load_devices
     from .models import load_model_and_tokenizer
     from .profile import SHIPPED_MODELS
+    from .split import num_targets
     from .training import SplitTrainConfig
 
     devices = tuple(devices)
@@ -87,10 +88,10 @@ def prepare_finetune(model_name_or_path: str = "smollm2-135m", data: str = "gsm8
                         ("n_heldout", n_heldout, 1319), ("n_generate", n_generate, 1319),
                         ("max_new_tokens", max_new_tokens, 4096)):
         check_int_range(name, v, 0 if name == "n_generate" else 1, hi)
+    if (model is None) != (tokenizer is None):
+        raise ValueError("model and tokenizer are invalid: give both (an already loaded pair) or neither")
     if model is None:
         model, tokenizer = load_model_and_tokenizer(model_name_or_path, seed=seed)
-    elif tokenizer is None:
-        raise ValueError("tokenizer=None is invalid with a model: must give the model's tokenizer")
     M, N, I, B = len(devices), rounds, steps_per_round, batch_size
     need = M * N * I * B
     train_ds = load_gsm8k(data, split="train", limit=need)
@@ -111,7 +112,7 @@ def prepare_finetune(model_name_or_path: str = "smollm2-135m", data: str = "gsm8
     return FinetuneSetup(model, tokenizer, arch, train, heldout, test.select(range(n_generate)), lora, cfg, N, I,
                          devices, chat_template, max_new_tokens,
                          info=dict(train_records=need, heldout_records=n_heldout, generate_records=n_generate,
-                                   heldout_tokens=sum(int((b["labels"][:, 1:] != -100).sum()) for b in heldout)))
+                                   heldout_tokens=sum(num_targets(b["labels"]) for b in heldout)))
 
 
 def card_cuts(setup: FinetuneSetup, *, w: float = 0.1, schedule: str = "sequential",
@@ -132,15 +133,15 @@ def card_cuts(setup: FinetuneSetup, *, w: float = 0.1, schedule: str = "sequenti
 def _trained(setup: FinetuneSetup, cuts, wire_dtype: str):
     from dataclasses import replace
 
+    from .split import num_units
     from .training import SplitTrainer
 
-    cfg = replace(setup.config, wire_dtype=wire_dtype)
-    trainer = SplitTrainer(setup.model, setup.lora, cfg)
     cuts = list(cuts)
     if len(cuts) != len(setup.devices):
         raise ValueError(f"cuts={cuts!r} is invalid: must hold one cut layer per device ({len(setup.devices)})")
     for c in cuts:
-        check_int_range("cuts", c, 0, trainer.num_units)
+        check_int_range("cuts", c, 0, num_units(setup.model, setup.config.granularity))
+    trainer = SplitTrainer(setup.model, setup.lora, replace(setup.config, wire_dtype=wire_dtype))
     trainer.run(setup.train, lambda n, m: cuts[m], rounds=setup.rounds, steps_per_round=setup.steps_per_round)
     return trainer
 
@@ -219,7 +220,8 @@ def wire_dtype_effect(setup: FinetuneSetup, reference_losses: Sequence[float], r
                       cut_layer: int | None = None, wire_dtypes: Sequence[str] = ("bfloat16", "float16")):
     """Lossy smashed data and gradients: split training with every device at ``cut_layer`` (default L/2) and the
     wire in each of ``wire_dtypes``, against fp32 (``reference_losses`` per step and ``reference_heldout``: the
-    unsplit run of :func:`finetune_quality`, which fp32 split training equals exactly at any cut).
+    split model after :func:`finetune_quality`: fp32 split training equals unsplit training exactly at any cut, so
+    its per-step losses are those of every fp32 cut).
 
     Returns ``(steps, summary)`` DataFrames: steps (wire_dtype, step, cut_layer, loss, loss_fp32, loss_abs_diff)
     and summary (wire_dtype, cut_layer, heldout_loss, heldout_loss_fp32, heldout_diff, max_step_loss_diff,

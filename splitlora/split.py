@@ -338,6 +338,11 @@ class ServerPart(nn.Module):
         return causal_lm_loss(self._hf[0], logits, labels)
 
 
+def num_targets(labels: torch.Tensor) -> int:
+    """Target tokens of labels (B, s) that the causal-LM loss averages over: positions 1..s-1 not -100."""
+    return int((labels[:, 1:] != -100).sum())
+
+
 def causal_lm_loss(hf: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The model's own causal-LM loss (``model.loss_function``), exactly as in the unsplit forward."""
     hf = _unwrap(hf)

@@ -36,8 +36,8 @@ import torch
 from torch import nn
 
 from ._validate import check_choice, check_int_range, check_positive
-from .split import (COMPUTE_DTYPES, GRANULARITIES, WIRE_DTYPES, compute_context, num_units, shared_weight_copy,
-                    split_model, tensor_bytes, to_wire, wire_dtype_of)
+from .split import (COMPUTE_DTYPES, GRANULARITIES, WIRE_DTYPES, compute_context, num_targets, num_units,
+                    shared_weight_copy, split_model, tensor_bytes, to_wire, wire_dtype_of)
 
 ADAPTER_NAME = "default"
 CHECKPOINT_VERSION = 1
@@ -194,7 +194,7 @@ CutSchedule = Sequence[Sequence[int]] | Callable[[int, int], int]
 def check_has_targets(labels: torch.Tensor) -> None:
     """Refuse a mini-batch whose labels (B, s) hold no target token after the causal shift (all -100): its loss
     is 0 / 0 = NaN and one such step would turn every LoRA weight into NaN. Raises ValueError."""
-    if not bool((labels[:, 1:] != -100).any()):
+    if num_targets(labels) == 0:
         raise ValueError("batch labels are invalid: every target is -100 (no answer token left after truncation?); "
                          "raise max_length or use loss_on='all'")
 
@@ -208,6 +208,21 @@ def _check_lora_config(lora_config) -> None:
     if getattr(lora_config, "use_dora", False):
         raise ValueError("lora_config.use_dora=True is invalid: must be False (DoRA magnitude vectors are not "
                          "exported by split training)")
+    if getattr(lora_config, "bias", "none") != "none":
+        raise ValueError(f"lora_config.bias={lora_config.bias!r} is invalid: must be 'none' (trained biases are "
+                         "the base model's own tensors)")
+    if getattr(lora_config, "trainable_token_indices", None):
+        raise ValueError(f"lora_config.trainable_token_indices={lora_config.trainable_token_indices!r} is invalid: "
+                         "must be None (split training adapts LoRA parameters only)")
+
+
+def _check_trainable_not_shared(peft_model, base) -> None:
+    """The trainable tensors of ``peft_model`` must be its own, never storage of ``base`` (whose frozen weights it
+    aliases): otherwise a NaN wipe or an optimiser step would write into the user's model. Raises RuntimeError."""
+    base_ptrs = {p.data_ptr() for p in base.parameters()}
+    shared = [n for n, p in peft_model.named_parameters() if p.requires_grad and p.data_ptr() in base_ptrs]
+    if shared:
+        raise RuntimeError(f"trainable parameters {shared[:3]} alias the base model's weights; refusing to train")
 
 
 class SplitTrainer:
@@ -233,6 +248,7 @@ class SplitTrainer:
         torch.manual_seed(config.seed)
         _check_lora_config(lora_config)
         server_model = get_peft_model(shared_weight_copy(model), copy.deepcopy(lora_config))
+        _check_trainable_not_shared(server_model, model)
         split_model(server_model, 0, config.granularity)  # architecture / tied-LoRA checks
         server_model.train()
         device_model = shared_weight_copy(server_model, share_trainable=False)
@@ -483,8 +499,10 @@ def unsplit_training(model: nn.Module, lora_config, batches: Sequence[Mapping[st
     are aliased, not copied). Returns ``(peft_model, losses)``."""
     from peft import get_peft_model
 
+    _check_lora_config(lora_config)
     torch.manual_seed(config.seed)
     ref = get_peft_model(shared_weight_copy(model), copy.deepcopy(lora_config))
+    _check_trainable_not_shared(ref, model)
     ref.train()
     opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=config.lr, betas=config.betas,
                             eps=config.eps, weight_decay=config.weight_decay)

@@ -72,3 +72,15 @@ def test_bad_parameter_fails_fast_and_leaves_figures_untouched(tmp_path, monkeyp
     with pytest.raises(RuntimeError, match=r"w=2\.0 is invalid: must be in \[0\.0, 1\.0\]"):
         run_notebooks({"w": 2.0}, only=["fig2_optimal_cut"], out_dir=tmp_path / "executed")
     assert _digests(figs) == before
+
+
+def test_analytic_notebooks_run_on_the_real_model_architecture(tmp_path, monkeypatch):
+    """model="smollm2-135m" (data/models/smollm2-135m.json, the architecture real_finetune trains) in every analytic
+    notebook: each executes and plans over SmolLM2's 30 blocks."""
+    monkeypatch.setenv("SPLITLORA_FIGURES_DIR", str(tmp_path))
+    run = run_notebooks({"model": "smollm2-135m", "granularity": "block"}, only=list(ANALYTIC), smoke=True,
+                        out_dir=tmp_path / "executed")
+    assert sorted(run.executed) == sorted(ANALYTIC)
+    fig2 = pd.read_csv(tmp_path / "fig2_optimal_cut.csv")
+    assert fig2.max_feasible_cut.max() == 30 and fig2.cut_layer.between(0, 30).all()
+    assert json.loads((tmp_path / "fig2_optimal_cut.json").read_text())["parameters"]["model"] == "smollm2-135m"

@@ -216,7 +216,7 @@ def test_param_and_lora_counts_match_real_model(llama_cfg, which):
 
 
 def test_load_model_config_shipped_and_folder(tmp_path, llama_cfg):
-    assert set(SHIPPED_MODELS) == {"llama-3.2-1b", "t5-large"}
+    assert set(SHIPPED_MODELS) == {"llama-3.2-1b", "t5-large", "smollm2-135m"}
     assert (llama_cfg.hidden_size, llama_cfg.num_hidden_layers, llama_cfg.num_key_value_heads) == (2048, 16, 8)
     t5 = load_model_config("t5-large")
     assert (t5.d_model, t5.num_layers, t5.num_decoder_layers, t5.vocab_size) == (1024, 24, 24, 32128)
