@@ -298,6 +298,10 @@ class SplitTrainer:
         moved, self._moved_outside_steps = moved + self._moved_outside_steps, 0
         return moved
 
+    def _current_cut(self) -> int:
+        """The cut a step or an evaluation uses when none is given: the current one, else L/2."""
+        return self.cut if self.cut is not None else self.num_units // 2
+
     def split_lm(self, cut_layer: int | None = None, compute_dtype: str | None = None):
         """The split model as one language model for evaluation (:class:`splitlora.evaluation.SplitLM`): the
         device in turn's part and the server's part at ``cut_layer`` (default: the current cut, else L/2),
@@ -306,7 +310,7 @@ class SplitTrainer:
         from .evaluation import SplitLM
 
         if cut_layer is None:
-            cut_layer = self.cut if self.cut is not None else self.num_units // 2
+            cut_layer = self._current_cut()
         check_int_range("cut_layer", cut_layer, 0, self.num_units)
         if cut_layer != self.cut:
             self._moved_outside_steps += self._set_cut(int(cut_layer))
@@ -320,7 +324,7 @@ class SplitTrainer:
         optional "attention_mask": (B, s)}`` on device ``device_id`` with ``cut_layer`` (default: the
         current cut, else L/2 rounded down). Returns the :class:`StepLog` (also appended to ``logs``)."""
         if cut_layer is None:
-            cut_layer = self.cut if self.cut is not None else self.num_units // 2
+            cut_layer = self._current_cut()
         ids, labels = batch["input_ids"], batch["labels"]
         check_has_targets(labels)
         moved = self._prepare(device_id, cut_layer)
