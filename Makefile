@@ -25,10 +25,10 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 reproduce: install
-	HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(BIN)/python -m splitlora.notebooks
+	HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(BIN)/python -m splitlora.experiments.notebooks
 
 smoke: install
-	HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(BIN)/python -m splitlora.notebooks --smoke
+	HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(BIN)/python -m splitlora.experiments.notebooks --smoke
 
 test: install
 	HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(BIN)/python -m pytest

@@ -16,11 +16,11 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 
 from splitlora import card, load_channel
-from splitlora.experiments import Scenario, channel_states
 from splitlora.atomic import atomic_write
-from splitlora.figures import git_state
+from splitlora.experiments.analytic import Scenario, channel_states
+from splitlora.experiments.figures import git_state
+from splitlora.model.system import objective
 from splitlora.paths import BENCHMARK_RESULTS_DIR
-from splitlora.system import objective
 
 
 def inputs(scenario, n):
@@ -70,7 +70,7 @@ def main():
     P6, Ru6, Rd6, M6 = inputs(sc, 10**6)
     card(model, P6[:1000], Ru6[:1000], Rd6[:1000], M6[:1000], w)  # warm-up
     t0 = time.perf_counter(); card(model, P6, Ru6, Rd6, M6, w); t_million = time.perf_counter() - t0
-    t0 = time.perf_counter(); card(model, P6, Ru6, Rd6, M6, w, discrete=True); t_million_disc = time.perf_counter() - t0
+    t0 = time.perf_counter(); card(model, P6, Ru6, Rd6, M6, w, discrete_clocks=True); t_million_disc = time.perf_counter() - t0
     result = {
         "device_rounds_compared": 1000, "n_cuts": model.n_cuts,
         "scipy_baseline_s": t_base, "card_s": t_card, "speedup": t_base / t_card,

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from splitlora.distributed import free_port
+from splitlora.distributed.launch import free_port
 
 USED_FILES = ["splitlora/distributed.py", "splitlora/wire.py", "splitlora/run_config.py", "splitlora/training.py",
               "splitlora/split.py", "splitlora/models.py", "benchmarks/distributed_overhead.py"]
@@ -72,13 +72,13 @@ def _run_distributed(cfg: dict, workdir: Path, timeout_s: float = 900, threads: 
 
 
 def _in_process_step_times(cfg: dict) -> list[float]:
-    from splitlora import distributed as D
-    from splitlora.training import SplitTrainer
+    from splitlora.distributed import config, plan
+    from splitlora.training.trainer import SplitTrainer
 
-    rc = D.config_from_dict(cfg)
-    base = D.build_base_model(rc)
-    trainer = SplitTrainer(base, D.lora_config(rc), rc.train)
-    data, cuts, I = D.device_batches(rc, base.config.vocab_size), D.planned_cuts(rc), rc.steps_per_round
+    rc = config.config_from_dict(cfg)
+    base = plan.build_base_model(rc)
+    trainer = SplitTrainer(base, plan.lora_config(rc), rc.train)
+    data, cuts, I = plan.device_batches(rc, base.config.vocab_size), plan.planned_cuts(rc), rc.steps_per_round
     per_round = []
     for n in range(rc.rounds):
         t0 = time.perf_counter()

@@ -33,8 +33,8 @@ def _rss_kib(field: str) -> int:
 
 
 def _setup(batch_size: int, seq_len: int, n: int):
-    from splitlora.data import load_gsm8k, tokenize_batches
-    from splitlora.models import load_model_and_tokenizer
+    from splitlora.training.data import load_gsm8k, tokenize_batches
+    from splitlora.training.models import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer("smollm2-135m")
     batches = tokenize_batches(load_gsm8k("gsm8k", limit=batch_size * n), tok, batch_size, seq_len, loss_on="all")
@@ -45,7 +45,7 @@ def memory_role(role: str, batch_size: int, seq_len: int, steps: int, cut: int) 
     """Peak RSS (byte) of building and training one side, after the model is loaded (run in a fresh process)."""
     from peft import LoraConfig, get_peft_model
 
-    from splitlora.training import SplitTrainConfig, SplitTrainer
+    from splitlora.training.trainer import SplitTrainConfig, SplitTrainer
 
     model, batches = _setup(batch_size, seq_len, steps)
     loaded = _rss_kib("VmRSS")
@@ -73,8 +73,8 @@ def step_time(batch_size: int, seq_len: int, steps: int, warmup: int, cut: int) 
     """Median over adjacent pairs of split / unsplit CPU time per step, one thread, one process."""
     from peft import LoraConfig, get_peft_model
 
-    from splitlora.split import shared_weight_copy
-    from splitlora.training import SplitTrainConfig, SplitTrainer
+    from splitlora.training.split import shared_weight_copy
+    from splitlora.training.trainer import SplitTrainConfig, SplitTrainer
 
     torch.set_num_threads(1)
     model, batches = _setup(batch_size, seq_len, steps + warmup)

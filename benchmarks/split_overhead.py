@@ -4,7 +4,7 @@ Same model (Llama architecture, random weights, byte vocabulary), same GSM8K-for
 package's offline default), same seed, in one process: for each cut layer, ordinary peft training of the
 unsplit model and split training (``SplitTrainer.step``, fp32 wire) alternate step by step, and the
 medians of the timed steps are compared. Target: ratio <= 1.05. Also records the counted training memory
-of the device part (``splitlora.measure``) against the unsplit model (= the device part at c = L).
+of the device part (``splitlora.training.measure``) against the unsplit model (= the device part at c = L).
 
 Run: ``.venv/bin/python benchmarks/split_overhead.py [--smoke]``; writes
 ``benchmarks/results/split_overhead.json`` (with package versions and the git commit).
@@ -21,7 +21,6 @@ import subprocess
 import time
 
 import torch
-
 
 USED_FILES = ["splitlora/" + f for f in ("split.py", "training.py", "models.py", "data.py", "measure.py",
                                          "_validate.py", "paths.py")] + ["benchmarks/split_overhead.py"]
@@ -41,11 +40,11 @@ def _git_state() -> dict:
 def main(argv=None) -> dict:
     from peft import LoraConfig, get_peft_model
 
-    from splitlora.data import load_gsm8k, tokenize_batches
-    from splitlora.measure import measure_split_profile
-    from splitlora.models import byte_tokenizer, model_from_config, tiny_llama_config
     from splitlora.paths import BENCHMARK_RESULTS_DIR
-    from splitlora.training import SplitTrainConfig, SplitTrainer
+    from splitlora.training.data import load_gsm8k, tokenize_batches
+    from splitlora.training.measure import measure_split_profile
+    from splitlora.training.models import byte_tokenizer, model_from_config, tiny_llama_config
+    from splitlora.training.trainer import SplitTrainConfig, SplitTrainer
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, a few steps (CI check of the script)")
@@ -121,7 +120,7 @@ def main(argv=None) -> dict:
               f"wall ratio {rows[-1]['wall_ratio']:.3f}")
 
     mem = measure_split_profile(model=copy.deepcopy(model), cuts=cuts, batch_size=batch_size, seq_len=seq_len,
-                                lora_r=8, lora_alpha=16, repeats=1, warmup=0)
+                                lora_rank=8, lora_alpha=16, repeats=1, warmup=0)
     unsplit_mem = int(mem.loc[mem.cut_layer == L, "device_mem_bytes"].iloc[0])
     for r in rows:
         m = mem.loc[mem.cut_layer == r["cut_layer"]].iloc[0]
@@ -141,7 +140,7 @@ def main(argv=None) -> dict:
         "model": {**size, "vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_word_embeddings},
         "batch_size": batch_size, "seq_len": seq_len, "timed_steps": steps, "warmup_steps": warmup,
         "lora": {"r": 8, "alpha": 16, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]},
-        "memory_note": "counted bytes (splitlora.measure): params + 3 x LoRA + saved activations + cut tensors",
+        "memory_note": "counted bytes (splitlora.training.measure): params + 3 x LoRA + saved activations + cut tensors",
         "rows": rows,
         "env": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
                 "python": platform.python_version(), "machine": platform.machine(),

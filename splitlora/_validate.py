@@ -11,6 +11,8 @@ from typing import Iterable
 
 import numpy as np
 
+from splitlora.errors import InvalidParameterError
+
 
 def _show(value) -> str:
     arr = np.asarray(value) if not isinstance(value, (str, bytes)) else None
@@ -21,9 +23,9 @@ def _show(value) -> str:
     return repr(value)
 
 
-def _fail(name: str, value, allowed: str, bad=None) -> ValueError:
+def _fail(name: str, value, allowed: str, bad=None) -> InvalidParameterError:
     where = f" (offending value {bad!r})" if bad is not None else ""
-    return ValueError(f"{name}={_show(value)} is invalid: must be {allowed}{where}")
+    return InvalidParameterError(f"{name}={_show(value)} is invalid: must be {allowed}{where}")
 
 
 def _first_bad(value, ok_mask):
@@ -81,7 +83,7 @@ def check_order(lo_name: str, lo, hi_name: str, hi) -> None:
     check_finite(lo_name, lo)
     check_finite(hi_name, hi)
     if not lo <= hi:
-        raise ValueError(f"{lo_name}={lo!r} is invalid: must be <= {hi_name}={hi!r}")
+        raise InvalidParameterError(f"{lo_name}={lo!r} is invalid: must be <= {hi_name}={hi!r}")
 
 
 def is_nan(x) -> bool:

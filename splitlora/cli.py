@@ -29,7 +29,7 @@ def _env(args) -> int:
     except Exception as err:  # noqa: BLE001 - a report, not a check
         print(f"cuda         unknown ({err})")
     try:
-        from .gpu import get_gpu_backend
+        from splitlora.gpu import get_gpu_backend
 
         backend = get_gpu_backend("auto")
         print(f"gpu backend  {type(backend).__name__} (NVML / Jetson usable)")
@@ -39,7 +39,7 @@ def _env(args) -> int:
 
 
 def _reproduce(args) -> int:
-    from .notebooks import run_notebooks
+    from splitlora.experiments.notebooks import run_notebooks
 
     run = run_notebooks(smoke=args.smoke, only=args.only)
     print(f"notebooks found: {len(run.found)}, executed: {len(run.executed)}, failed: {len(run.failed)}")
@@ -47,7 +47,7 @@ def _reproduce(args) -> int:
 
 
 def _train_distributed(args) -> int:
-    from .distributed import run_from_args
+    from splitlora.distributed.launch import run_from_args
 
     return run_from_args(args)
 
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="splitlora", description="Energy-efficient split LoRA fine-tuning (arXiv 2412.00090)")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train-distributed", help="run a server or device role (torchrun), or all roles locally")
-    from .distributed import add_arguments
+    from splitlora.distributed.launch import add_arguments
 
     add_arguments(t)
     t.set_defaults(func=_train_distributed)

@@ -22,6 +22,7 @@ import inspect
 import logging
 
 from splitlora._validate import check_choice
+
 from .common import (ALLOW_CLOCK_CONTROL_ENV, ClockControlNotAllowedError, ClockLock, ClockPermissionError,
                      EnergyMeasurement, EnergyWindow, GPUBackendError, GPUClockBackend, GPUNotAvailableError,
                      NotSupportedError, clock_control_allowed)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from splitlora._validate import check_positive
+from splitlora.errors import InvalidParameterError, SplitLoRAError
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ DEVFREQ_ABI_URL = "https://www.kernel.org/doc/Documentation/ABI/testing/sysfs-cl
 
 
 # --------------------------------------------------------------------------------------------- errors
-class GPUBackendError(RuntimeError):
+class GPUBackendError(SplitLoRAError, RuntimeError):
     """Base class of every error raised by a GPU clock/energy backend."""
 
 
@@ -280,7 +281,7 @@ class GPUClockBackend(abc.ABC):
             raise NotSupportedError(f"{self.name}: the GPU reports no supported clocks")
         lo_hz, hi_hz = clocks[0] * 1e6, clocks[-1] * 1e6
         if not (0.5 * lo_hz <= freq_hz <= 2.0 * hi_hz):
-            raise ValueError(f"freq_hz={freq_hz!r} is invalid: must be a frequency in Hz within a factor 2 "
+            raise InvalidParameterError(f"freq_hz={freq_hz!r} is invalid: must be a frequency in Hz within a factor 2 "
                              f"of the supported range [{lo_hz:.6g}, {hi_hz:.6g}] Hz")
         f_mhz = freq_hz / 1e6
         return min(clocks, key=lambda c: (abs(c - f_mhz), c))

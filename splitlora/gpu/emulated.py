@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 
 from splitlora._validate import check_order, check_positive
+from splitlora.model.system import compute_energy_j, compute_time_s
+
 from .common import EnergyMeasurement, GPUClockBackend
 
 
@@ -88,8 +90,8 @@ class EmulatedBackend(GPUClockBackend):
         """
         check_positive("cycles", cycles, allow_zero=True)
         check_positive("clock_hz", clock_hz)
-        t = cycles / clock_hz
-        return EnergyMeasurement(time_s=t, energy_j=self.kappa * cycles * clock_hz ** 2 + self.static_power_w * t)
+        return EnergyMeasurement(time_s=float(compute_time_s(cycles, clock_hz)),
+                                 energy_j=float(compute_energy_j(cycles, clock_hz, self.kappa, self.static_power_w)))
 
     def run_cycles(self, cycles: float) -> EnergyMeasurement:
         """Run ``cycles`` GPU cycles at the current clock: advance virtual time and energy; return both.

@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from splitlora._validate import check_positive
-from .common import (ClockPermissionError, GPUBackendError, GPUClockBackend, GPUNotAvailableError,
-                     NotSupportedError)
+
+from .common import ClockPermissionError, GPUBackendError, GPUClockBackend, GPUNotAvailableError, NotSupportedError
 
 logger = logging.getLogger(__name__)
 

@@ -20,8 +20,9 @@ from __future__ import annotations
 import time
 from types import ModuleType
 
-from .common import (ClockPermissionError, GPUBackendError, GPUClockBackend, GPUNotAvailableError,
-                     NotSupportedError)
+from splitlora.errors import InvalidParameterError
+
+from .common import ClockPermissionError, GPUBackendError, GPUClockBackend, GPUNotAvailableError, NotSupportedError
 
 
 def _import_pynvml() -> ModuleType:
@@ -54,7 +55,7 @@ class NVMLBackend(GPUClockBackend):
                  pynvml_module: ModuleType | None = None):
         super().__init__(allow_clock_control=allow_clock_control)
         if isinstance(gpu_index, bool) or not isinstance(gpu_index, int) or gpu_index < 0:
-            raise ValueError(f"gpu_index={gpu_index!r} is invalid: must be an integer >= 0")
+            raise InvalidParameterError(f"gpu_index={gpu_index!r} is invalid: must be an integer >= 0")
         self._nvml = pynvml_module if pynvml_module is not None else _import_pynvml()
         self.gpu_index = gpu_index
         self._initialised = False

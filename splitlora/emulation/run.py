@@ -1,0 +1,248 @@
+"""End-to-end emulated split fine-tuning: Jetsons taking turns with a clock-controlled server over Markov channels.
+
+:func:`emulated_training` really trains the split model (the offline tiny Llama of :mod:`splitlora.training.models` by
+default) with :class:`splitlora.training.trainer.SplitTrainer`. Each round, every device's channel state is observed,
+the policy (CARD or a benchmark of :mod:`splitlora.model.baselines`) decides the cut layer and the server clock for
+each device from the cost model, and then the devices train one after another, ``steps_per_round`` mini-batches
+each. Per device-round it reports what the emulation measured:
+
+* device time: FLOPs counted while the device part ran (FlopCounterMode) / P_d (:class:`EmulatedDevice`);
+  the host wall time rescaled to the board is reported next to it;
+* link time: bytes the trainer actually put on the wire (smashed data + labels up, gradient down) / rate, and the
+  hand-over of the device-side adapter *with its AdamW state* as ``torch.save`` serialises it, received before
+  and sent after the turn, at the device's rate (:class:`EmulatedChannel`);
+* server time and energy: the GPU backend's energy window around the turn, clock locked to the decided
+  frequency (:class:`ServerClock`; emulated backend by default, charged with the counted server FLOPs);
+
+next to the analytic prediction :meth:`CostModel.evaluate` for the same decisions and channel rates, built
+from the profile of the model that is trained (same batch size, sequence length, LoRA rank, fp32 weights and
+wire), and the differences. Source: docs/model.md ("Delay and energy"), issue 4.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pandas as pd
+
+from splitlora import _validate as V
+from splitlora.emulation.emulators import (EmulatedChannel, EmulatedDevice, ServerClock, count_step_flops,
+                                           measure_host_flops_per_s)
+from splitlora.errors import InvalidParameterError
+from splitlora.model.baselines import POLICIES, run_policies
+from splitlora.model.hardware import CHANNEL_STATES, load_channel, load_devices, load_server
+from splitlora.model.profile import ATTN_TARGETS, profile_model
+from splitlora.model.scenario import Scenario
+from splitlora.model.system import CostModel, Workload
+from splitlora.training.models import load_model_and_tokenizer
+from splitlora.training.node import payload_bytes
+from splitlora.training.trainer import SplitTrainConfig, SplitTrainer
+
+DEFAULT_POLICIES = ("CARD", "server-only", "device-only", "fixed cut", "random cut", "CARD cut, f_max",
+                    "CARD clock, fixed cut")
+
+
+def arithmetic_batches(tokenizer, n_batches: int, batch_size: int, seq_len: int, seed: int = 0):
+    """``n_batches`` mini-batches of byte-tokenised sums ("12+345=357;..."), seeded.
+
+    Each is ``{"input_ids", "labels", "attention_mask"}`` of shape (batch_size, seq_len), right-padded,
+    labels -100 on padding.
+    """
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n_batches):
+        texts = []
+        for _ in range(batch_size):
+            parts, length = [], 0
+            while length < seq_len:
+                a, b = rng.integers(0, 1000, size=2)
+                parts.append(f"{a}+{b}={a + b};")
+                length += len(parts[-1])
+            texts.append("".join(parts))
+        enc = tokenizer(texts, max_length=seq_len, truncation=True, padding="max_length", return_tensors="pt")
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        out.append({"input_ids": enc["input_ids"], "labels": labels, "attention_mask": enc["attention_mask"]})
+    return out
+
+
+def adapter_payload_bytes(trainer) -> int:
+    """Bytes of the device-side LoRA adapter and its AdamW state as ``torch.save`` writes them (0 if none)."""
+    owned = list(trainer.device.owned)
+    return payload_bytes(trainer.device.export(owned)) if owned else 0
+
+
+#: The emulated run's default scenario: the offline tiny Llama's 4 decoder blocks, short sequences, fp32 weights and
+#: wire (what the trainer really computes), two mini-batches per device per turn.
+EMULATION_SCENARIO = Scenario(granularity="block", seq_len=128, steps_per_round=2, param_bytes=4, wire_bytes=4)
+
+
+def emulated_training(policies=DEFAULT_POLICIES, scenario: Scenario | None = None, *, rounds: int = 4, seed: int = 0,
+                      channel_initial: str | None = None, lr: float = 1e-3, model=None, tokenizer=None, backend=None,
+                      real_time: bool = False, progress: bool = False) -> pd.DataFrame:
+    """Train the split model under each policy on emulated hardware; measured vs predicted per device-round.
+
+    Args:
+        policies: names from :data:`splitlora.model.baselines.POLICIES` (each gets a fresh trainer, same data,
+            same channel realisation).
+        scenario: a :class:`~splitlora.model.scenario.Scenario` (default :data:`EMULATION_SCENARIO`): its devices
+            take turns in this order each round, ``steps_per_round`` I mini-batches of ``batch_size`` x ``seq_len``
+            tokens per turn, LoRA of rank ``lora_rank`` on q/k/v/o (alpha = 2r, no dropout), cut points of its
+            ``granularity``, CARD's ``w`` and ``discrete_clocks``, ``compute_scale`` on every board's clock. Its
+            ``model`` is not used (the trained ``model`` is), and ``param_bytes`` / ``wire_bytes`` must be 4 (the
+            trainer's fp32 weights and wire).
+        rounds: N. seed: data, channel, LoRA init, random cut.
+        channel_initial: start state of every channel, or None (stationary draw).
+        lr: AdamW learning rate. model, tokenizer: a ``*ForCausalLM`` and its tokenizer (default: the offline
+            tiny Llama, seeded). backend: server GPU backend (default: a fresh emulated one per policy).
+        real_time: devices, channels and the emulated server sleep so wall time follows the emulated time.
+        progress: print one line per policy.
+    Returns:
+        One row per policy x round x device, columns: policy, round, device, device_name, board, channel_state,
+        rate_mbps, feasible, cut_layer, frequency_hz (decided), applied_clock_hz, loss (mean of the turn),
+        device_flops / device_flops_pred (FLOP per turn), device_time_s / _pred_s, device_time_wall_scaled_s,
+        link_time_s / _pred_s, handover_bytes / _pred, handover_time_s / _pred_s, server_cycles / _pred,
+        server_time_s / _pred_s, delay_s / _pred_s, energy_j / _pred_j, delay_diff_s, delay_rel_diff,
+        energy_diff_j, energy_rel_diff, wall_time_s (host seconds of the turn). Measured = the emulation's
+        backends; *_pred = :class:`CostModel` for the same decisions; rel_diff = measured / predicted - 1.
+    Raises:
+        ValueError: bad argument (named), unknown policy or device.
+        DeviceMemoryError: never for a policy's feasible decision (infeasible ones are reported, not run).
+    """
+    from peft import LoraConfig
+
+
+    sc = EMULATION_SCENARIO if scenario is None else scenario
+    policies = tuple(policies)
+    for p in policies:
+        V.check_choice("policies", p, POLICIES)
+    for name in ("param_bytes", "wire_bytes"):
+        V.check_choice(f"scenario.{name}", getattr(sc, name), (4,))
+    V.check_int_range("rounds", rounds, 1, 10**6)
+    V.check_int_range("scenario.seq_len", sc.seq_len, 2, 1 << 16)
+    devices, steps_per_round, batch_size, seq_len = sc.devices, sc.steps_per_round, sc.batch_size, sc.seq_len
+    lora_rank, granularity, w = sc.lora_rank, sc.granularity, sc.w
+    known = load_devices()
+    if model is None:
+        model, tokenizer = load_model_and_tokenizer(seed=seed)
+    elif tokenizer is None:
+        raise InvalidParameterError("tokenizer=None is invalid with a model: must give the model's tokenizer")
+
+    server = load_server()
+    channel_spec = load_channel()
+    profile = profile_model(model.config, batch_size=batch_size, seq_len=seq_len, granularity=granularity,
+                            lora_rank=lora_rank, lora_targets=ATTN_TARGETS, param_bytes=4, wire_bytes=4,
+                            activation_bytes=4, name="trained model")
+    cost = CostModel.from_profile(profile, server, Workload(steps_per_round))
+    specs = [known[d].scaled(sc.compute_scale) for d in devices]
+    P = np.array([s.flops_per_s for s in specs])
+    Mem = np.array([s.training_memory_bytes for s in specs])
+    host_flops = measure_host_flops_per_s()
+    data = [arithmetic_batches(tokenizer, rounds * steps_per_round, batch_size, seq_len, seed=seed + 1 + m)
+            for m in range(len(devices))]
+    lora = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules=list(ATTN_TARGETS))
+
+    rows = []
+    for policy in policies:
+        t_policy = time.perf_counter()
+        trainer = SplitTrainer(model, lora, SplitTrainConfig(lr=lr, granularity=granularity, seed=seed))
+        if trainer.num_units != cost.n_cuts:
+            raise RuntimeError(f"trainer has {trainer.num_units} cut units but the profile {cost.n_cuts}")
+        channel = EmulatedChannel(channel_spec, len(devices), seed=seed, initial=channel_initial, real_time=real_time)
+        clock = ServerClock(server, backend, real_time=real_time)
+        emus = [EmulatedDevice(s, profile.device_memory_bytes, real_time=real_time, host_flops_per_s=host_flops)
+                for s in specs]
+        for n in range(rounds):
+            if n:
+                channel.advance()
+            R = np.array([channel.rate_bps(m) for m in range(len(devices))])
+            dec = run_policies(cost, P, R, R, Mem, w, seed=seed + n, discrete_clocks=sc.discrete_clocks,
+                               policies=(policy,))[policy]
+            for m, emu in enumerate(emus):
+                rows.append(_turn(policy, n, m, emu, channel, clock, trainer, cost, data[m], dec, R[m],
+                                  steps_per_round))
+        if progress:
+            print(f"[emulated_training] {policy}: {time.perf_counter() - t_policy:.1f} s")
+    return pd.DataFrame(rows)
+
+
+def _turn(policy, n, m, emu, channel, clock, trainer, cost, batches, dec, rate, I):
+    """Run one device's turn; return its row."""
+    c, f = int(dec.cut_layer[m]), float(dec.frequency_hz[m])
+    row = {"policy": policy, "round": n, "device": m, "device_name": emu.spec.name, "board": emu.spec.board,
+           "channel_state": CHANNEL_STATES[int(channel.states[m])], "rate_mbps": rate / 1e6,
+           "feasible": bool(dec.feasible[m]), "cut_layer": c, "frequency_hz": f}
+    if not dec.feasible[m]:
+        return row
+    emu.check_cut(c)
+    wall0 = time.perf_counter()
+    dev_flops = dev_time = dev_wall = link = 0.0
+    losses = []
+    with clock.turn(f if c < cost.n_cuts else 0.0) as turn:
+        for i in range(I):
+            batch = batches[(n * I + i) % len(batches)]
+            log, fd, fs = count_step_flops(trainer, batch, m, c, n)
+            turn.run_flops(fs)
+            td = emu.compute_time_s(fd)
+            emu.hold(td, log.device_time_s)
+            dev_flops, dev_time, dev_wall = dev_flops + fd, dev_time + td, dev_wall + log.device_time_s
+            link += channel.transfer(log.bytes_up, m) + channel.transfer(log.bytes_down, m)
+            losses.append(log.loss)
+    hand_bytes = adapter_payload_bytes(trainer)
+    hand_time = channel.transfer(hand_bytes, m) + channel.transfer(hand_bytes, m)  # received before, sent after
+    # prediction for the same decision and rate
+    P, r_up, r_down = np.array([emu.flops_per_s]), np.array([rate]), np.array([rate])  # one rate each way
+    delay_pred, energy_pred = (float(x[0]) for x in cost.evaluate(np.array([c]), np.array([f if c < cost.n_cuts
+                                                                                            else cost.f_max_hz]),
+                                                                   P, r_up, r_down))
+    t_d, t_l, t_h = (float(a[0, c]) for a in cost.stage_times_s(P, r_up, r_down))
+    dev_pred, link_pred, hand_pred = I * t_d, I * t_l, t_h
+    srv_time_pred = float(cost.server_delay_s(c, f)) if c < cost.n_cuts else 0.0
+    delay = dev_time + link + hand_time + turn.time_s
+    row.update({
+        "applied_clock_hz": turn.applied_hz, "loss": float(np.mean(losses)),
+        "device_flops": dev_flops, "device_flops_pred": I * float(cost.device_flops[c]),
+        "device_time_s": dev_time, "device_time_pred_s": dev_pred,
+        "device_time_wall_scaled_s": emu.wall_scaled_time_s(dev_wall),
+        "link_time_s": link, "link_time_pred_s": link_pred,
+        "handover_bytes": hand_bytes, "handover_bytes_pred": cost.handover_bits[c] / 8.0,
+        "handover_time_s": hand_time, "handover_time_pred_s": hand_pred,
+        "server_cycles": turn.cycles, "server_cycles_pred": I * float(cost.server_cycles[c]),
+        "server_time_s": turn.time_s, "server_time_pred_s": srv_time_pred,
+        "delay_s": delay, "delay_pred_s": delay_pred, "energy_j": turn.energy_j, "energy_pred_j": energy_pred,
+        "delay_diff_s": delay - delay_pred, "delay_rel_diff": _rel(delay, delay_pred),
+        "energy_diff_j": turn.energy_j - energy_pred, "energy_rel_diff": _rel(turn.energy_j, energy_pred),
+        "wall_time_s": time.perf_counter() - wall0,
+    })
+    return row
+
+
+def _rel(measured: float, predicted: float) -> float:
+    if predicted == 0:
+        return 0.0 if measured == 0 else float("inf")
+    return measured / predicted - 1.0
+
+
+def emulation_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Per policy, over its feasible device-rounds: totals of measured and predicted delay and energy, their
+    relative differences, each component's relative difference, the last mean loss, the feasible fraction,
+    and CARD's measured reductions against the policy (1 - CARD / policy; NaN when the policy's total is 0).
+    """
+    rows = []
+    card = table[table.policy == "CARD"]
+    for policy, g in table.groupby("policy", sort=False):
+        ok = g[g.feasible]
+        row = {"policy": policy, "feasible_fraction": float(g.feasible.mean()), "device_rounds": len(g),
+               "final_loss": float(ok.sort_values(["round", "device"]).loss.iloc[-1]) if len(ok) else np.nan}
+        for q, unit in (("delay", "s"), ("energy", "j"), ("device_time", "s"), ("link_time", "s"),
+                        ("handover_time", "s"), ("server_time", "s")):
+            meas, pred = float(ok[f"{q}_{unit}"].sum()), float(ok[f"{q}_pred_{unit}"].sum())
+            row[f"{q}_{unit}"], row[f"{q}_pred_{unit}"] = meas, pred
+            row[f"{q}_rel_diff"] = _rel(meas, pred)
+        row["device_time_wall_scaled_s"] = float(ok.device_time_wall_scaled_s.sum())
+        if len(card):
+            for q, unit in (("delay", "s"), ("energy", "j")):
+                tot = row[f"{q}_{unit}"]
+                row[f"card_{q}_reduction"] = 1.0 - float(card[card.feasible][f"{q}_{unit}"].sum()) / tot if tot > 0 \
+                    else np.nan
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -1,0 +1,249 @@
+"""CARD: Cut lAyer and computing Resource Decision (docs/model.md "CARD"), and the exhaustive joint search.
+
+For one device-round, minimise U(c, f) = w T(c, f) / T_ref + (1 - w) E(c, f) / E_ref over feasible cut
+layers c (Mem_d(c) <= M_d) and server clocks f in [f_min, f_max] (or the supported-clock table).
+
+Frequency step (lower layer). For fixed c < L, U(f) = a / f + b f^2 + const with
+    a = I C_s(c) (w / T_ref + (1 - w) P0 / E_ref) >= 0,    b = I C_s(c) (1 - w) kappa / E_ref >= 0,
+so U''(f) = 2a / f^3 + 2b > 0 (convex) and the minimiser is f* = clip((a / 2b)^(1/3), f_min, f_max)
+(f_max when b = 0). a and b share the factor I C_s(c), so f* is the same for every c < L of a
+device-round: it is computed once per device-round. Over a discrete clock table U is convex along the
+table, so the best clock is one of the two table entries bracketing f*.
+
+Cut step (upper layer). Evaluate U(c, f*) for every c in 0..L (at c = L the server is idle: U = w T / T_ref)
+and take the feasible argmin (the smallest c on ties). O(L) per device-round; device-rounds are independent.
+
+Pipelined schedule (an extension, docs/model.md "Pipelined schedule"): the round delay has the term
+(I - 1) max(m, C_s / f) with m = max(T_d, T_l), so U(f) is a / f + b f^2 with a = a_A below the knee
+f_k = C_s / m (the server is the bottleneck) and a = a_B above it; U is still convex, and its minimiser is the
+better of clip((a_A / 2b)^(1/3), f_min, f_k) and clip((a_B / 2b)^(1/3), f_k, f_max), now one per (device-round, c).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from splitlora import _validate as V
+from splitlora.model.system import CostModel, check_weight, compute_time_s, device_round_inputs
+
+DEFAULT_CHUNK = 1 << 15
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Decisions for K device-rounds (one entry per device and round), all arrays of shape (K,).
+
+    Attributes:
+        cut_layer: chosen cut layer c in 0..L (int); -1 where no cut layer fits in device memory.
+        frequency_hz: server GPU clock (Hz); 0.0 where c = L (server idle); NaN where infeasible.
+        delay_s: round delay T (s); energy_j: server energy E (J); objective: U (-). NaN where infeasible.
+        feasible: whether a decision exists (bool).
+    """
+
+    cut_layer: np.ndarray
+    frequency_hz: np.ndarray
+    delay_s: np.ndarray
+    energy_j: np.ndarray
+    objective: np.ndarray
+    feasible: np.ndarray
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per device-round with the columns above."""
+        return pd.DataFrame({k: getattr(self, k) for k in
+                             ("cut_layer", "frequency_hz", "delay_s", "energy_j", "objective", "feasible")})
+
+    @classmethod
+    def masked(cls, feasible, cut_layer, frequency_hz, delay_s, energy_j, objective) -> "Decision":
+        """Decisions where ``feasible`` (K,) holds; elsewhere cut -1 and NaN values. The clock is reported as 0.0
+        where the cut is L (``frequency_hz`` must already say so)."""
+        nan = np.nan
+        return cls(np.where(feasible, cut_layer, -1), np.where(feasible, frequency_hz, nan),
+                   np.where(feasible, delay_s, nan), np.where(feasible, energy_j, nan),
+                   np.where(feasible, objective, nan), np.asarray(feasible))
+
+    @staticmethod
+    def concat(parts: list["Decision"]) -> "Decision":
+        """Concatenate decisions of consecutive chunks."""
+        return Decision(*(np.concatenate([getattr(p, k) for p in parts]) for k in
+                          ("cut_layer", "frequency_hz", "delay_s", "energy_j", "objective", "feasible")))
+
+
+def optimal_frequency_hz(model: CostModel, t_ref_s, e_ref_j, w: float, *, discrete_clocks: bool = False,
+                         cut_layer=0) -> np.ndarray:
+    """Closed-form server clock minimising U(f) for an active cut (c < L), shape (K,) (Hz).
+
+    Args:
+        model: the cost model; t_ref_s, e_ref_j: normalisers (K,) (s, J); w: delay weight in [0, 1];
+        discrete_clocks: pick from ``model.clocks_hz`` (the better of the two clocks bracketing f*);
+        cut_layer: (K,) or scalar c < L; only used by the discrete comparison (f* itself does not depend on c).
+    Raises:
+        ValueError: w outside [0, 1].
+    """
+    check_weight(w)
+    t_ref = np.asarray(t_ref_s, dtype=float)
+    e_ref = np.asarray(e_ref_j, dtype=float)
+    num = w / t_ref + (1.0 - w) * model.static_power_w / e_ref          # a / (I C_s)
+    den = 2.0 * (1.0 - w) * model.kappa / e_ref                         # 2b / (I C_s)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        f = np.where(den > 0, np.cbrt(num / den), np.inf)
+    f = np.clip(np.where(np.isnan(f), model.f_min_hz, f), model.f_min_hz, model.f_max_hz)
+    if not discrete_clocks:
+        return f
+    table = model.clocks_hz
+    hi = np.clip(np.searchsorted(table, f, side="left"), 0, len(table) - 1)
+    lo = np.clip(hi - 1, 0, len(table) - 1)
+    c = np.broadcast_to(np.asarray(cut_layer), f.shape)
+    def u(fq):  # the f-dependent part of U (the rest is the same for both candidates)
+        return (w * model.server_delay_s(c, fq) / t_ref + (1 - w) * model.server_energy_j(c, fq) / e_ref)
+    f_lo, f_hi = table[lo], table[hi]
+    return np.where(u(f_lo) <= u(f_hi), f_lo, f_hi)
+
+
+def _pipelined_clock_hz(model: CostModel, t_d, t_l, t_h, cycles, t_ref, e_ref, w: float, discrete_clocks: bool):
+    """Best server clock of the pipelined schedule for per-mini-batch stage times and cycles (any common shape)."""
+    I, kappa, P0 = model.iterations, model.kappa, model.static_power_w  # the derivative's coefficients
+    C = np.asarray(cycles, dtype=float)
+    m = np.maximum(t_d, t_l)
+    b = (1.0 - w) * kappa * I * C / e_ref
+    a_hi = w * I * C / t_ref + (1.0 - w) * P0 * I * C / e_ref      # f <= f_k: the server sets the pace
+    a_lo = w * C / t_ref + (1.0 - w) * P0 * I * C / e_ref          # f >= f_k: the device or link does
+    with np.errstate(divide="ignore", invalid="ignore"):
+        f_k = np.clip(np.where(m > 0, C / m, np.inf), model.f_min_hz, model.f_max_hz)
+        root = lambda a: np.where(b > 0, np.cbrt(a / (2 * b)), np.inf)  # noqa: E731
+        f_a = np.clip(np.nan_to_num(root(a_hi), nan=model.f_min_hz), model.f_min_hz, f_k)
+        f_b = np.clip(np.nan_to_num(root(a_lo), nan=model.f_min_hz), f_k, model.f_max_hz)
+
+    def u(f):
+        T = model.round_delay_s(t_d, t_l, t_h, compute_time_s(C, f))
+        E = model.energy_j(I * C, f)
+        return w * T / t_ref + (1.0 - w) * E / e_ref
+
+    f = np.where(u(f_a) <= u(f_b), f_a, f_b)
+    if discrete_clocks:
+        table = model.clocks_hz
+        hi = np.clip(np.searchsorted(table, f, side="left"), 0, len(table) - 1)
+        lo = np.clip(hi - 1, 0, len(table) - 1)
+        f = np.where(u(table[lo]) <= u(table[hi]), table[lo], table[hi])
+    return f
+
+
+def best_clock_hz(model: CostModel, cut_layer, device_flops_per_s, rate_up_bps, rate_down_bps, w: float, *,
+                  discrete_clocks: bool = False) -> np.ndarray:
+    """CARD's server clock for given cut layers (K,), for either schedule (Hz), shape (K,).
+
+    Sequential: :func:`optimal_frequency_hz`. Pipelined: the piecewise closed form of the module docstring.
+    The value is meaningless where c = L (server idle).
+    Raises: ValueError for w outside [0, 1], a cut layer outside 0..L, bad compute or rates.
+    """
+    check_weight(w)
+    P, Ru, Rd = device_round_inputs(device_flops_per_s, rate_up_bps, rate_down_bps)
+    c = np.broadcast_to(np.asarray(cut_layer).reshape(-1), P.shape)
+    V.check_int_range("cut_layer", c, 0, model.n_cuts)
+    c = c.astype(np.int64)
+    t_ref, e_ref = model.references(P, Ru, Rd)
+    if model.schedule == "sequential":
+        return optimal_frequency_hz(model, t_ref, e_ref, w, discrete_clocks=discrete_clocks, cut_layer=c)
+    rows = np.arange(len(c))
+    t_d, t_l, t_h = (a[rows, c] for a in model.stage_times_s(P, Ru, Rd))
+    return _pipelined_clock_hz(model, t_d, t_l, t_h, model.server_cycles[c], t_ref, e_ref, w, discrete_clocks)
+
+
+def card(model: CostModel, device_flops_per_s, rate_up_bps, rate_down_bps, memory_bytes, w: float, *,
+         discrete_clocks: bool = False, chunk: int = DEFAULT_CHUNK) -> Decision:
+    """Run CARD for K device-rounds at once.
+
+    Args:
+        model: :class:`splitlora.model.system.CostModel` of the model, workload and server.
+        device_flops_per_s: P_d of each device-round, shape (K,) (FLOP/s).
+        rate_up_bps, rate_down_bps: link rates of each device-round, (K,) (bit/s).
+        memory_bytes: device training memory M_d, (K,) (byte).
+        w: weight of delay against energy in [0, 1].
+        discrete_clocks: choose the clock from the supported-clock table instead of [f_min, f_max].
+        chunk: device-rounds processed per vectorised block (memory ~ 60 x chunk x (L+1) bytes).
+    Returns:
+        :class:`Decision` with arrays of shape (K,).
+    Raises:
+        ValueError: w outside [0, 1], non-positive or NaN compute, rates or memory.
+    """
+    check_weight(w)
+    P, Ru, Rd = device_round_inputs(device_flops_per_s, rate_up_bps, rate_down_bps)
+    M = np.broadcast_to(np.asarray(memory_bytes, dtype=float).reshape(-1), P.shape)
+    parts = [_card_block(model, P[i:i + chunk], Ru[i:i + chunk], Rd[i:i + chunk], M[i:i + chunk], w, discrete_clocks)
+             for i in range(0, P.shape[0], chunk)]
+    return Decision.concat(parts)
+
+
+def _card_block(model, P, Ru, Rd, M, w, discrete_clocks):
+    if model.schedule != "sequential":
+        return _card_block_pipelined(model, P, Ru, Rd, M, w, discrete_clocks)
+    L = model.n_cuts
+    fixed = model.fixed_delay_s(P, Ru, Rd)                               # (k, L+1)
+    cyc = model.iterations * model.server_cycles                         # (L+1,)
+    fmax = model.f_max_hz
+    t_ref = fixed[:, 0] + cyc[0] / fmax
+    e_ref = np.full(len(P), model.energy_j(cyc[0], fmax))
+    f = optimal_frequency_hz(model, t_ref, e_ref, w, discrete_clocks=discrete_clocks)  # (k,), same for all c < L
+    fc = f[:, None]
+    u = (w * (fixed + cyc[None, :] / fc) / t_ref[:, None]
+         + (1.0 - w) * model.energy_j(cyc[None, :], fc) / e_ref[:, None])
+    ok = model.feasible(M)
+    u = np.where(ok, u, np.inf)
+    c = np.argmin(u, axis=1)
+    rows = np.arange(len(c))
+    feasible = ok[rows, c]
+    u_best = u[rows, c]
+    delay = fixed[rows, c] + cyc[c] / f
+    energy = model.energy_j(cyc[c], f)
+    return Decision.masked(feasible, c, np.where(c == L, 0.0, f), delay, energy, u_best)
+
+
+def _card_block_pipelined(model, P, Ru, Rd, M, w, discrete_clocks):
+    L = model.n_cuts
+    t_d, t_l, t_h = model.stage_times_s(P, Ru, Rd)                      # (k, L+1) each
+    t_ref, e_ref = model.references(P, Ru, Rd)
+    C = np.broadcast_to(model.server_cycles[None, :], t_d.shape)
+    f = _pipelined_clock_hz(model, t_d, t_l, t_h, C, t_ref[:, None], e_ref[:, None], w, discrete_clocks)
+    T = model.round_delay_s(t_d, t_l, t_h, compute_time_s(C, f))
+    E = model.energy_j(model.iterations * C, f)
+    u = np.where(model.feasible(M), w * T / t_ref[:, None] + (1.0 - w) * E / e_ref[:, None], np.inf)
+    c = np.argmin(u, axis=1)
+    rows = np.arange(len(c))
+    feasible = np.isfinite(u[rows, c])
+    return Decision.masked(feasible, c, np.where(c == L, 0.0, f[rows, c]), T[rows, c], E[rows, c], u[rows, c])
+
+
+def exhaustive_search(model: CostModel, device_flops_per_s, rate_up_bps, rate_down_bps, memory_bytes, w: float,
+                      clocks_hz=None, *, chunk: int = 256) -> Decision:
+    """Joint brute force over every feasible cut layer and every clock of a grid (the benchmark CARD must match).
+
+    Args:
+        as :func:`card`; clocks_hz: the frequency grid (Hz), default ``model.clocks_hz`` (the supported-clock
+        table). Nothing from CARD's closed form is used: U is evaluated on the whole (c, f) grid.
+    Returns:
+        :class:`Decision`, arrays of shape (K,).
+    """
+    check_weight(w)
+    P, Ru, Rd = device_round_inputs(device_flops_per_s, rate_up_bps, rate_down_bps)
+    M = np.broadcast_to(np.asarray(memory_bytes, dtype=float).reshape(-1), P.shape)
+    grid = np.asarray(model.clocks_hz if clocks_hz is None else clocks_hz, dtype=float)
+    L = model.n_cuts
+    parts = []
+    for i in range(0, P.shape[0], chunk):
+        p, ru, rd, m = P[i:i + chunk], Ru[i:i + chunk], Rd[i:i + chunk], M[i:i + chunk]
+        t_ref, e_ref = model.references(p, ru, rd)
+        t_d, t_l, t_h = (a[:, :, None] for a in model.stage_times_s(p, ru, rd))
+        cuts = np.arange(L + 1)
+        t_s = model.server_time_s(cuts[:, None], grid[None, :])[None]                    # (1, L+1, F)
+        T = model.round_delay_s(t_d, t_l, t_h, t_s)                                      # (k, L+1, F)
+        E = np.broadcast_to(model.server_energy_j(cuts[:, None], grid[None, :])[None], T.shape)
+        U = w * T / t_ref[:, None, None] + (1 - w) * E / e_ref[:, None, None]
+        U = np.where(model.feasible(m)[:, :, None], U, np.inf)
+        flat = U.reshape(len(p), -1).argmin(1)
+        c, j = np.divmod(flat, len(grid))
+        rows = np.arange(len(p))
+        feasible = np.isfinite(U[rows, c, j])
+        parts.append(Decision.masked(feasible, c, np.where(c == L, 0.0, grid[j]), T[rows, c, j], E[rows, c, j],
+                                     U[rows, c, j]))
+    return Decision.concat(parts)
