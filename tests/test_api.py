@@ -28,3 +28,43 @@ def test_unknown_attribute_raises():
         assert "no_such_thing" in str(err)
     else:
         raise AssertionError("expected AttributeError")
+
+
+def test_dir_lists_the_lazy_names():
+    names = dir(splitlora)
+    assert {"SplitTrainer", "DeviceHalf", "RunPlan", "emulated_training", "card", "Scenario"} <= set(names)
+
+
+def test_every_package_error_derives_from_the_base_error():
+    from splitlora.distributed.roles import JoinRefused
+    from splitlora.distributed.wire import ProtocolError
+    from splitlora.emulation.emulators import DeviceMemoryError
+    from splitlora.errors import InvalidParameterError, SplitLoRAError
+    from splitlora.gpu import GPUBackendError
+
+    for cls, builtin in ((InvalidParameterError, ValueError), (ProtocolError, RuntimeError),
+                         (GPUBackendError, RuntimeError), (JoinRefused, ValueError),
+                         (DeviceMemoryError, ValueError)):
+        assert issubclass(cls, SplitLoRAError) and issubclass(cls, builtin), cls
+    try:
+        splitlora.Scenario(w=2)
+    except SplitLoRAError as err:
+        assert "w=2" in str(err) and "must be in [0.0, 1.0]" in str(err)
+    else:
+        raise AssertionError("expected an error for w=2")
+
+
+def test_config_dataclasses_document_every_field():
+    """Each field of a configuration dataclass is described in its class docstring."""
+    import dataclasses
+    import re
+
+    from splitlora.distributed.config import DistConfig, LinkConfig, RunConfig
+    from splitlora.emulation.run import EMULATION_SCENARIO  # noqa: F401  (module imports cleanly)
+    from splitlora.model.system import CostModel, Workload
+    from splitlora.training.trainer import SplitTrainConfig
+
+    for cls in (splitlora.Scenario, Workload, CostModel, SplitTrainConfig, RunConfig, LinkConfig, DistConfig):
+        doc = inspect.getdoc(cls)
+        missing = [f.name for f in dataclasses.fields(cls) if not re.search(rf"\b{f.name}\b", doc)]
+        assert not missing, f"{cls.__name__} does not document {missing}"

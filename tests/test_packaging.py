@@ -44,7 +44,7 @@ def test_wheel_ships_data_and_decides(wheel_venv, tmp_path):
         P, M = sc.device_arrays()
         R = sl.load_channel().rates_bps()[[1] * len(P)]
         d = sl.card(sc.cost_model(), P, R, R, M, sc.w, discrete_clocks=True)
-        print(list(d.cut_layer), d.frequency_hz[0] > 0, len(sl.load_gsm8k("gsm8k", limit=3)))
+        print([int(c) for c in d.cut_layer], bool((d.frequency_hz > 0).any()), len(sl.load_gsm8k("gsm8k", limit=3)))
     """).replace("splitlora_file", "sl.__file__").replace("site", repr(str(site)))
     out = subprocess.run([str(venv / "bin" / "python"), "-I", "-c", code], capture_output=True, text=True,
                          cwd=tmp_path)

@@ -1,16 +1,10 @@
 """One run configuration, run both ways and tabulated: distributed (processes on this host) and in-process.
 
 A :class:`~splitlora.distributed.config.RunConfig` file (``data/runs/*.yaml`` or any path) drives both
-``splitlora train-distributed --config X.yaml --local`` / torchrun and the in-process reference
-:func:`~splitlora.distributed.plan.run_in_process`. This module runs the same file both ways from Python (a notebook,
-a test) and puts the two side by side, one row per mini-batch:
-
-* :func:`resolve_run_config`: a path, or the name of a shipped configuration in ``data/runs/``;
-* :func:`run_config_dict`: the file's fields with overrides merged in, checked;
-* :func:`run_distributed_local`: server + devices as processes on 127.0.0.1
-  (:func:`splitlora.distributed.launch.launch_local`), the server's per-step logs and events;
-* :func:`compare_with_in_process`: losses of both ways, bytes, measured vs predicted up-link time per step;
-* :func:`transfer_accuracy`: measured / predicted transfer time per channel state.
+``splitlora train-distributed --config X.yaml --local`` / torchrun and
+:func:`~splitlora.distributed.plan.run_in_process`; this module runs the same file both ways from Python (a
+notebook, a test) and puts the two side by side, one row per mini-batch (:func:`compare_with_in_process`,
+:func:`transfer_accuracy`). Source: docs/distributed.md, "One configuration file".
 """
 from __future__ import annotations
 

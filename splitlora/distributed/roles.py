@@ -1,50 +1,10 @@
-"""Split LoRA training across processes and hosts on ``torch.distributed`` (docs/distributed.md).
+"""The server and device roles of split LoRA training across processes and hosts on ``torch.distributed``.
 
-Roles: rank 0 is the **server**, ranks 1..M are **devices** 0..M-1 (``RANK`` / ``WORLD_SIZE`` from
-``torchrun`` or :func:`launch_local`). The result equals the in-process :class:`~splitlora.training.trainer.SplitTrainer`
-for the same configuration and seed (``run_in_process``; tests), as long as LoRA dropout is 0 (each process
-draws dropout masks from its own RNG).
-
-This module holds the roles (:class:`Server`, :class:`Device`) and the entry points; the run configuration and
-what it decides are in :mod:`splitlora.distributed.config`, the tensor messages in :mod:`splitlora.distributed.wire` (both
-re-exported here).
-
-Transport. The server hosts a ``TCPStore`` (bound to ``addr``, 127.0.0.1 unless named); each device joins by
-incrementing its counter ``join/<m>`` and the two build a *pair* ``ProcessGroupGloo`` (size 2) under the prefix
-``pair/<m>/<generation>``. There is no world-wide group, so a dead device breaks only its own pair; a device
-that comes back joins under a new generation. Every message is an int64 header tensor
-``[magic, dtype code, ndim, d0..d4, key, chunk bytes]`` followed by the payload bytes (uint8, possibly in
-chunks); the receiver checks magic, dtype, shape and key before receiving the payload. Nothing is pickled
-(:mod:`splitlora.distributed.wire`).
-
-Per turn (round n, device m, ``steps_per_round`` mini-batches): the server runs CARD (or the configured
-schedule) for the device from the profile it reported and the round's channel state, sends the cut layer and
-the device-side adapter (values and AdamW state), the device trains, and at the end returns the adapter and
-its per-step timings. Between turns the server holds the whole adapter, so the hand-over to the next device
-goes through it. A turn is a transaction: the server snapshots its state first, and on any error (peer
-closed, ``timeout_s`` passed, protocol violation) restores the snapshot, waits ``join_timeout_s`` for the
-device to rejoin and retries (``retries`` times), else skips the device for the round; a device that stays
-away is skipped at once in later rounds unless it has rejoined. The server only accepts tensors named like
-the device-side LoRA parameters of the turn's cut, with their shapes, so a device cannot write the
-server-side adapter. Checkpoints (``torch.save`` to a temporary file + ``os.replace``, loaded with
-``weights_only=True``): the server after each turn (everything needed to resume), each device after each turn.
-
-Link emulation (a): with ``link.emulate`` every payload is sent in chunks paced so that its last byte leaves
-at 8 bytes / rate after its header (rate = the round's channel-state rate x ``rate_scale``). Per step the
-server logs bytes, the measured up-link time of the smashed data (receiver clock, header to last byte), the
-device's measured down-link time, and the model's 8 S / R.
-
-Devices and backends. Each rank computes on ``dist.device`` of its own host (:func:`compute_device`: CUDA when
-present with "auto"). In its hello a device says whether it can use NCCL (CUDA compute and an NCCL build of
-torch); the server picks the pair's payload transport with :func:`~splitlora.distributed.wire.choose_transport` from
-``dist.backend`` and tells the device: "nccl" adds a size-2 NCCL group, and smashed data, gradients and adapters
-then go GPU to GPU (headers stay on gloo); "gloo" sends them from CPU memory. A pair that cannot honour
-``backend: nccl`` (or another configuration fingerprint) is refused and the device exits with the reason
-(:class:`JoinRefused`).
-
-Limits: one server; a gloo recv that times out closes the pair, so a device waiting for its turn uses
-``idle_timeout_s``; a server restart needs the same ``addr:port``. The NCCL path is tested on CPU with a gloo
-group standing in for NCCL (``SPLITLORA_FAKE_NCCL``), not on GPUs: NCCL does not allow two ranks on one GPU.
+Rank 0 runs :class:`Server`, rank m + 1 runs :class:`Device` m; for the same configuration and seed the result
+equals the in-process :class:`~splitlora.training.trainer.SplitTrainer` (with LoRA dropout 0). The run
+configuration is in :mod:`splitlora.distributed.config`, the tensor messages in :mod:`splitlora.distributed.wire`,
+the entry points in :mod:`splitlora.distributed.launch`.
+Source: docs/distributed.md, "What happens", "GPUs: compute device and NCCL" and "Limits".
 """
 from __future__ import annotations
 
@@ -240,7 +200,6 @@ class Server:
 
     # ---------------------------------------------------------------- turns
     def _turn(self, c: _Conn, n: int, m: int, attempt: int) -> None:
-
         cfg, node, link = self.cfg, self.node, c.link
         t_turn = time.perf_counter()
         state = str(self.plan.channel_states[n, m])
@@ -406,7 +365,6 @@ class Device:
             torch.set_rng_state(st["rng"])
 
     def _turn(self, link: Link, ctrl: list[int], rates: list[float]) -> None:
-
         _, n, step0, cut, I = ctrl
         pace_up, pace_down = rates
         node, cfg = self.node, self.cfg

@@ -1,15 +1,9 @@
-"""Tensor messages between two processes of a pair process group (used by :mod:`splitlora.distributed.roles`).
+"""Tensor messages between the two processes of a pair process group (used by :mod:`splitlora.distributed.roles`).
 
-Every message is an int64 header tensor ``[magic, dtype code, ndim, d0..d4, key, chunk bytes]`` followed by the
-payload bytes (uint8, possibly in chunks); the receiver checks magic, dtype, shape and key before receiving the
-payload. Nothing is pickled. Headers always travel on a gloo pair group from CPU memory; payloads travel on the
-same group, or, when both ends compute on CUDA and have NCCL (transport ``"nccl"``, :func:`choose_transport`),
-on a second, NCCL pair group straight from GPU memory (:func:`nccl_pair_group`). An adapter hand-over (LoRA
-values + AdamW state) is a manifest of ``[name key, dtype code, numel]`` rows and one blob; the receiver accepts
-only the names, dtypes and sizes it expects.
-
-Link emulation (a): with a rate every payload is sent in chunks paced so that its last byte leaves at
-8 bytes / rate after its header (the rate limiter of :meth:`Link.send`).
+Each message is an int64 header and then the payload bytes, which the receiver checks against the header before
+it reads them; nothing is pickled. Headers travel on a gloo pair group, payloads on the same group or on a second,
+NCCL one (:func:`choose_transport`); :meth:`Link.send` paces payloads to a rate (link emulation); an adapter
+travels as a manifest and one blob. Source: docs/distributed.md, "What happens" and "GPUs: compute device and NCCL".
 """
 from __future__ import annotations
 
@@ -236,7 +230,6 @@ def pair_group(store, m: int, gen: int, rank: int, host: str, timeout_s: float):
 
 
 def _gloo_pair(prefix_store, rank: int, host: str, timeout_s: float):
-
     opts = dist.ProcessGroupGloo._Options()
     opts._timeout = datetime.timedelta(seconds=timeout_s)
     opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]

@@ -1,18 +1,8 @@
-"""Fit the server energy model to (clock, time, energy) measurements.
+"""Fit the server energy model E = kappa f^3 t + P0 t to (clock, time, energy) measurements.
 
-Model (system model, docs/model.md): work of ``cycles`` cycles at clock f takes t = cycles / f and uses
-
-    E = kappa * cycles * f**2 + P0 * t,   with cycles = f * t,   i.e.   E = kappa * f**3 * t + P0 * t,
-
-so E is linear in (kappa, P0) and both follow from ordinary least squares with kappa >= 0, P0 >= 0
-(``scipy.optimize.lsq_linear``, on columns scaled to unit norm for conditioning). Units: f in Hz,
-t in s, E in J, kappa in W/Hz^3, P0 in W.
-
-:func:`sweep_clocks` produces the samples: it runs a workload at each requested clock through a GPU
-backend (:mod:`splitlora.gpu`) inside ``locked_clock`` and an energy window. On real hardware this needs
-clock control (``allow_clock_control=True``); with the emulated backend it recovers the backend's kappa.
-Sources for the counters: https://docs.nvidia.com/deploy/nvml-api/ (nvmlDeviceGetTotalEnergyConsumption),
-https://www.kernel.org/doc/Documentation/ABI/testing/sysfs-class-devfreq (Jetson clocks).
+:func:`fit_energy_model` fits kappa (W/Hz^3) and P0 (W) by non-negative linear least squares;
+:func:`sweep_clocks` produces the samples by running a workload at each clock through a GPU backend
+(:mod:`splitlora.gpu`). Source: docs/model.md, "Server energy" ("Calibration").
 """
 from __future__ import annotations
 

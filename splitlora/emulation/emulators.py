@@ -1,27 +1,10 @@
 """Emulated edge devices, wireless channels and a clock-controlled server (issue 4, "Device and channel emulation").
 
-The split model really trains on this host; these classes turn what it did into what the paper's hardware
-would have taken, and make the server obey CARD's clock through a GPU backend (:mod:`splitlora.gpu`).
-
-* :class:`EmulatedDevice` (a Jetson from ``data/hardware.yaml``). Time model: **FLOP counting**. The device
-  part's forward and backward run on the host under ``torch.utils.flop_counter.FlopCounterMode`` (see
-  :func:`count_step_flops`) and the emulated time is ``counted FLOPs / P_d`` with P_d = eta_d g_d f_d
-  (:attr:`DeviceSpec.flops_per_s`). It is exact, repeatable and independent of the host's speed. The
-  alternative, host wall time x host FLOP/s / P_d, is offered by :meth:`EmulatedDevice.wall_scaled_time_s`
-  for comparison (it carries Python and optimiser overheads the model leaves out). In real-time mode the
-  device sleeps so that the wall time of its part equals the emulated time. A cut layer whose device memory
-  (the profile's Mem_d(c)) exceeds the board's training memory M_d is refused with :class:`DeviceMemoryError`.
-* :class:`EmulatedChannel`: one Markov chain (Good/Normal/Poor) per device, advanced once per round and
-  seeded; it draws exactly the sequence :meth:`ChannelSpec.simulate` draws for the same seed. A transfer of
-  ``n`` bits takes ``n / R(state)`` seconds; in real-time mode :meth:`EmulatedChannel.transfer` sleeps for it.
-* :class:`ServerClock`: each device's turn runs inside ``backend.locked_clock(f)`` and an energy window.
-  With the emulated backend the server's counted FLOPs become cycles C = FLOPs / (eta_s g_s) and are charged
-  with ``run_cycles`` (t = C / f, E = kappa C f^2 + P0 t); with a real backend (NVML, Jetson) the window
-  measures whatever the GPU did inside the block.
-* :func:`kappa_calibration`: a clock sweep + fit of kappa (and P0), on real hardware when clock control is
-  allowed, otherwise on the emulated backend, saying which.
-
-Source of the model: docs/model.md ("Compute", "Channel", "Server energy").
+The split model really trains on this host; :class:`EmulatedDevice` (time = counted FLOPs / P_d),
+:class:`EmulatedChannel` (a seeded Markov chain per device) and :class:`ServerClock` (CARD's clock through a GPU
+backend of :mod:`splitlora.gpu`) turn what it did into what the paper's hardware would have taken;
+:func:`kappa_calibration` fits kappa from a clock sweep. Source: docs/model.md, "Emulated hardware" (the model:
+"Compute", "Channel", "Server energy").
 """
 from __future__ import annotations
 
@@ -271,7 +254,6 @@ class ServerClock:
         real_time: with the emulated backend, sleep the server's virtual time [False].
     """
     def __init__(self, server: ServerSpec, backend=None, *, real_time: bool = False):
-
         self.server = server
         self.backend = backend if backend is not None else emulated_server_backend(server)
         self.emulated = isinstance(self.backend, EmulatedBackend)

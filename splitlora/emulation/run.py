@@ -1,22 +1,9 @@
 """End-to-end emulated split fine-tuning: Jetsons taking turns with a clock-controlled server over Markov channels.
 
-:func:`emulated_training` really trains the split model (the offline tiny Llama of :mod:`splitlora.training.models` by
-default) with :class:`splitlora.training.trainer.SplitTrainer`. Each round, every device's channel state is observed,
-the policy (CARD or a benchmark of :mod:`splitlora.model.baselines`) decides the cut layer and the server clock for
-each device from the cost model, and then the devices train one after another, ``steps_per_round`` mini-batches
-each. Per device-round it reports what the emulation measured:
-
-* device time: FLOPs counted while the device part ran (FlopCounterMode) / P_d (:class:`EmulatedDevice`);
-  the host wall time rescaled to the board is reported next to it;
-* link time: bytes the trainer actually put on the wire (smashed data + labels up, gradient down) / rate, and the
-  hand-over of the device-side adapter *with its AdamW state* as ``torch.save`` serialises it, received before
-  and sent after the turn, at the device's rate (:class:`EmulatedChannel`);
-* server time and energy: the GPU backend's energy window around the turn, clock locked to the decided
-  frequency (:class:`ServerClock`; emulated backend by default, charged with the counted server FLOPs);
-
-next to the analytic prediction :meth:`CostModel.evaluate` for the same decisions and channel rates, built
-from the profile of the model that is trained (same batch size, sequence length, LoRA rank, fp32 weights and
-wire), and the differences. Source: docs/model.md ("Delay and energy"), issue 4.
+:func:`emulated_training` really trains the split model under CARD or a benchmark policy and reports, per
+device-round, the device, link and server time and the server energy the emulation measured, next to the cost
+model's prediction for the same decisions; :func:`emulation_summary` totals them per policy.
+Source: docs/model.md, "Emulated run" (the model: "Delay and energy"); issue 4.
 """
 from __future__ import annotations
 

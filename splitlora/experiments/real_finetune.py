@@ -133,7 +133,6 @@ def card_cuts(setup: FinetuneSetup, *, w: float = 0.1, schedule: str = "sequenti
 
 def _trained(setup: FinetuneSetup, cuts, wire_dtype: str):
 
-
     cuts = list(cuts)
     if len(cuts) != len(setup.devices):
         raise InvalidParameterError(f"cuts={cuts!r} is invalid: must hold one cut layer per device ({len(setup.devices)})")

@@ -19,7 +19,6 @@ from splitlora.training.trainer import SplitTrainConfig, SplitTrainer, logs_fram
 
 
 def _experiment_inputs(model_name_or_path, data_path, n_batches, batch_size, seq_len, seed, tiny_kwargs):
-
     model, tok = load_model_and_tokenizer(model_name_or_path, seed=seed, **(tiny_kwargs or {}))
     ds = load_gsm8k(data_path, limit=n_batches * batch_size, seed=seed)
     batches = tokenize_batches(ds, tok, batch_size, seq_len, loss_on="all")

@@ -1,20 +1,8 @@
 """GPU clock control and energy measurement behind one interface, and a factory to pick a backend.
 
-Backends: ``emulated`` (synthetic clock table, virtual time and energy from kappa, f and cycles; the
-one CI uses), ``nvml`` (NVIDIA GPUs via nvidia-ml-py), ``jetson`` (devfreq sysfs + INA3221 rails) and
-``zeus`` (NVML clocks, zeus energy; extra ``splitlora[zeus]``). Clock setting on real hardware is
-opt-in (``allow_clock_control=True`` or ``SPLITLORA_ALLOW_CLOCK_CONTROL=1``).
-
-Example::
-
-    from splitlora.gpu import get_gpu_backend
-    gpu = get_gpu_backend("emulated", kappa=1e-27, f_min_hz=210e6, f_max_hz=2.5e9, step_hz=15e6)
-    with gpu.locked_clock(1.2e9) as lock, gpu.energy_window() as w:
-        gpu.run_cycles(3e9)
-    print(lock.applied_hz, w.measurement.time_s, w.measurement.energy_j)
-
-Sources: https://docs.nvidia.com/deploy/nvml-api/ ,
-https://www.kernel.org/doc/Documentation/ABI/testing/sysfs-class-devfreq
+:func:`get_gpu_backend` returns an ``emulated``, ``nvml``, ``jetson`` or ``zeus`` backend (``auto``: NVML, then
+Jetson); setting clocks on real hardware is opt-in (``allow_clock_control=True`` or
+``SPLITLORA_ALLOW_CLOCK_CONTROL=1``). Source: docs/model.md, "GPU clock and energy backends" (with an example).
 """
 from __future__ import annotations
 

@@ -1,21 +1,8 @@
 """The GPU clock-and-energy interface every backend implements, its typed errors and the restore guard.
 
-One abstract class, :class:`GPUClockBackend`, with vendor implementations beside it (``emulated``,
-``nvml``, ``jetson``, ``zeus``), in the manner of ml-energy/zeus ``zeus/device/gpu/common.py``.
-Units are in the names: ``_hz``, ``_mhz``, ``_s``, ``_j``, ``_mj``.
-
-What the interface offers:
-
-* ``supported_clocks_mhz()`` and ``current_clock_mhz()`` (read-only, always allowed);
-* ``locked_clock(freq_hz)``: a context manager that locks the GPU clock to the supported clock nearest
-  ``freq_hz``, reads it back, and restores the clocks on normal exit, on an exception, on SIGTERM and at
-  interpreter exit (atexit). Real backends only do this when the user opted in
-  (``allow_clock_control=True`` or ``SPLITLORA_ALLOW_CLOCK_CONTROL=1``);
-* an energy window: ``begin_window(name)`` / ``end_window(name)`` (or ``with energy_window() as w``)
-  giving elapsed seconds and joules.
-
-Sources: NVML API reference https://docs.nvidia.com/deploy/nvml-api/ ; Linux devfreq sysfs ABI
-https://www.kernel.org/doc/Documentation/ABI/testing/sysfs-class-devfreq .
+:class:`GPUClockBackend`: supported and current clocks (read-only), ``locked_clock`` (opt-in on real hardware; the
+clocks are always restored) and energy windows. Units are in the names: ``_hz``, ``_mhz``, ``_s``, ``_j``,
+``_mj``. Source: docs/model.md, "GPU clock and energy backends".
 """
 from __future__ import annotations
 

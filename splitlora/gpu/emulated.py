@@ -1,14 +1,8 @@
 """Emulated GPU: a synthetic clock table, and virtual time and energy from the system model.
 
-For work of ``cycles`` GPU cycles run at clock f (Hz):
-
-* time    t = cycles / f                                  (s)
-* energy  E = kappa * cycles * f**2 + P0 * t              (J)
-
-i.e. dynamic power kappa * f**3 (kappa in W/Hz^3, the effective switched capacitance) plus an optional
-static power P0 (W) while busy. This is the server energy of ``docs/model.md`` (system model:
-E_s(c, f) = kappa x cycles_s(c) x f^2, with an optional P_0 x T_s term). No hardware is touched, so clock
-control is always allowed and the opt-in does not apply. This is the default backend in CI.
+Work of ``cycles`` cycles at clock f takes t = cycles / f (s) and uses E = kappa cycles f^2 + P0 t (J); no
+hardware is touched, so clock control is always allowed. The default backend in CI.
+Source: docs/model.md, "GPU clock and energy backends" and "Server energy".
 """
 from __future__ import annotations
 

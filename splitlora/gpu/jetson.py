@@ -1,21 +1,8 @@
 """NVIDIA Jetson GPUs through Linux devfreq sysfs, and energy from the INA3221 power monitors.
 
-Clocks (Linux devfreq ABI, https://www.kernel.org/doc/Documentation/ABI/testing/sysfs-class-devfreq):
-``/sys/class/devfreq/<node>/available_frequencies`` (Hz, space separated), ``cur_freq``, ``min_freq``
-and ``max_freq`` (Hz). The GPU node is found by name (``57000000.gpu`` on Nano, ``17000000.gp10b`` on
-TX2, ``17000000.gv11b`` on Xavier, ``17000000.ga10b`` / ``17000000.gpu`` on Orin) or by
-``device/of_node/name`` == ``gpu``. Locking writes min_freq = max_freq = f in the safe order
-(raising: max first, then min; lowering: min first, then max, so min <= max holds after every write)
-and restoring writes the saved limits back the same way.
-
-Energy: the INA3221 rails, either the hwmon driver (JetPack 5+:
-``/sys/bus/i2c/drivers/ina3221/*/hwmon/hwmon*/in{k}_label``, ``in{k}_input`` mV, ``curr{k}_input`` mA;
-https://docs.kernel.org/hwmon/ina3221.html) or the older iio driver (JetPack 4:
-``/sys/bus/i2c/drivers/ina3221x/*/iio:device*/rail_name_{k}``, ``in_power{k}_input`` mW). The power of
-the rails whose label matches ``power_rails`` is sampled by a thread every ``sample_interval_s`` while a
-window is open and integrated with the trapezoid rule (first and last samples taken at the window's
-edges). On Orin the GPU shares the ``VDD_GPU_SOC`` rail with the SoC, so the energy is an upper bound on
-the GPU's.
+Clocks are read and locked through the GPU's devfreq node (min_freq = max_freq, written in an order that keeps
+min <= max); the energy integrates the sampled power of the chosen INA3221 rails (on Orin an upper bound on the
+GPU's). Source: docs/model.md, "GPU clock and energy backends".
 """
 from __future__ import annotations
 

@@ -1,19 +1,8 @@
 """NVIDIA GPUs through NVML (the ``pynvml`` module of nvidia-ml-py).
 
-Calls used (NVML API reference, https://docs.nvidia.com/deploy/nvml-api/):
-
-* ``nvmlInit`` / ``nvmlShutdown``; ``nvmlDeviceGetHandleByIndex``;
-* ``nvmlDeviceGetSupportedMemoryClocks`` and ``nvmlDeviceGetSupportedGraphicsClocks`` (MHz; the
-  graphics clocks listed are those supported at the highest memory clock);
-* ``nvmlDeviceGetClockInfo(handle, NVML_CLOCK_GRAPHICS)`` (MHz);
-* ``nvmlDeviceSetGpuLockedClocks(handle, min_mhz, max_mhz)`` / ``nvmlDeviceResetGpuLockedClocks``
-  (Volta and newer; needs root or the administrator's permission);
-* ``nvmlDeviceGetTotalEnergyConsumption`` (mJ since the driver was last reloaded; Volta and newer).
-
-Error mapping: ``NVMLError_NoPermission`` -> :class:`ClockPermissionError`, ``NVMLError_NotSupported``
--> :class:`NotSupportedError`, ``NVMLError_LibraryNotFound`` / ``DriverNotLoaded`` / ``GpuIsLost`` /
-``NotFound`` / ``InvalidArgument`` (bad index) at initialisation -> :class:`GPUNotAvailableError`;
-any other NVML error -> :class:`GPUBackendError`. A reset always follows a successful lock.
+Supported and current graphics clocks, clock locking (``nvmlDeviceSetGpuLockedClocks``) and the mJ energy
+counter, with NVML errors mapped to this package's typed errors. Source: docs/model.md, "GPU clock and energy
+backends"; https://docs.nvidia.com/deploy/nvml-api/
 """
 from __future__ import annotations
 

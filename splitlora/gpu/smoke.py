@@ -1,19 +1,8 @@
 """Read-only NVIDIA GPU smoke test: ``python -m splitlora.gpu.smoke`` or ``python scripts/gpu_smoke.py``.
 
-Lists the supported graphics clocks (MHz), reads the NVML energy counter (mJ) around a fixed matrix
-workload (torch float16 matmuls on CUDA) and prints the energy (J), time (s) and mean power (W).
-It never sets clocks unless BOTH ``--lock-clock-mhz`` and ``--allow-clock-control`` are given (or
-``SPLITLORA_ALLOW_CLOCK_CONTROL=1`` replaces the latter); the clock is then reset at exit whatever happens.
-
-Exit codes:
-    0  success
-    2  usage error, or clock locking asked for without the opt-in
-    3  no NVIDIA GPU (no NVML library/driver, no device at --gpu-index, or torch without CUDA)
-    4  permission denied (NVML NoPermission while locking clocks)
-    5  not supported (no supported-clock list or energy counter on this GPU)
-    1  any other GPU backend error
-
-Source: https://docs.nvidia.com/deploy/nvml-api/
+Lists the supported graphics clocks and measures the energy, time and mean power of a fixed float16 matmul
+workload; it sets a clock only when both ``--lock-clock-mhz`` and ``--allow-clock-control`` are given. Exit codes:
+:func:`main`. Source: docs/model.md, "GPU clock and energy backends".
 """
 from __future__ import annotations
 
@@ -70,8 +59,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, *, pynvml_module: ModuleType | None = None,
          workload: Callable[[], object] | None = None) -> int:
-    """Run the smoke test; return the exit code (see the module docstring). ``pynvml_module`` and
-    ``workload`` let tests substitute a fake NVML and a CPU workload."""
+    """Run the smoke test; return the exit code.
+
+    Exit codes: 0 success; 2 usage error, or clock locking asked for without the opt-in; 3 no NVIDIA GPU (no NVML
+    library/driver, no device at ``--gpu-index``, or torch without CUDA); 4 permission denied (NVML NoPermission
+    while locking clocks); 5 not supported (no supported-clock list or energy counter on this GPU); 1 any other GPU
+    backend error (docs/model.md, "GPU clock and energy backends"). ``pynvml_module`` and ``workload`` let tests
+    substitute a fake NVML and a CPU workload."""
     parser = _parser()
     args = parser.parse_args(argv)
     if args.lock_clock_mhz is not None and not clock_control_allowed(args.allow_clock_control):

@@ -1,19 +1,8 @@
-"""The benchmark policies CARD is compared against (docs/model.md "Benchmarks").
+"""The benchmark policies CARD is compared against, evaluated with the same cost model as CARD.
 
-Each policy maps K device-rounds to a :class:`splitlora.model.card.Decision`, evaluated with the same cost
-model as CARD. A policy whose cut layer does not fit in a device's memory is reported infeasible for that
-device-round (NaN costs, ``feasible=False``), never silently replaced.
-
-| name | cut layer | server clock |
-|---|---|---|
-| server-only | 0 | f_max |
-| device-only | L | idle (0) |
-| fixed cut | L // 2 | f_max |
-| random cut | uniform over the feasible cut layers (seeded) | f_max |
-| CARD cut, f_max | CARD's | f_max |
-| CARD clock, fixed cut | L // 2 | CARD's closed-form clock |
-| exhaustive | joint brute force over (c, clock table) | |
-| CARD | CARD | CARD |
+:func:`run_policies` gives each policy's :class:`~splitlora.model.card.Decision` for K device-rounds; a cut layer
+that does not fit in a device's memory is reported infeasible, never silently replaced.
+Source: docs/model.md, "Benchmarks" (the table of policies).
 """
 from __future__ import annotations
 

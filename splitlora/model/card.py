@@ -1,22 +1,8 @@
-"""CARD: Cut lAyer and computing Resource Decision (docs/model.md "CARD"), and the exhaustive joint search.
+"""CARD (Cut lAyer and computing Resource Decision) and the exhaustive joint search it is checked against.
 
-For one device-round, minimise U(c, f) = w T(c, f) / T_ref + (1 - w) E(c, f) / E_ref over feasible cut
-layers c (Mem_d(c) <= M_d) and server clocks f in [f_min, f_max] (or the supported-clock table).
-
-Frequency step (lower layer). For fixed c < L, U(f) = a / f + b f^2 + const with
-    a = I C_s(c) (w / T_ref + (1 - w) P0 / E_ref) >= 0,    b = I C_s(c) (1 - w) kappa / E_ref >= 0,
-so U''(f) = 2a / f^3 + 2b > 0 (convex) and the minimiser is f* = clip((a / 2b)^(1/3), f_min, f_max)
-(f_max when b = 0). a and b share the factor I C_s(c), so f* is the same for every c < L of a
-device-round: it is computed once per device-round. Over a discrete clock table U is convex along the
-table, so the best clock is one of the two table entries bracketing f*.
-
-Cut step (upper layer). Evaluate U(c, f*) for every c in 0..L (at c = L the server is idle: U = w T / T_ref)
-and take the feasible argmin (the smallest c on ties). O(L) per device-round; device-rounds are independent.
-
-Pipelined schedule (an extension, docs/model.md "Pipelined schedule"): the round delay has the term
-(I - 1) max(m, C_s / f) with m = max(T_d, T_l), so U(f) is a / f + b f^2 with a = a_A below the knee
-f_k = C_s / m (the server is the bottleneck) and a = a_B above it; U is still convex, and its minimiser is the
-better of clip((a_A / 2b)^(1/3), f_min, f_k) and clip((a_B / 2b)^(1/3), f_k, f_max), now one per (device-round, c).
+Per device-round CARD minimises U(c, f) in two layers: the closed-form server clock f* (U is convex in f), then
+the feasible cut layer with the smallest U(c, f*); O(L) per device-round, for the sequential and the pipelined
+schedule. Source: docs/model.md, "CARD" and "Pipelined schedule".
 """
 from __future__ import annotations
 
@@ -133,7 +119,8 @@ def best_clock_hz(model: CostModel, cut_layer, device_flops_per_s, rate_up_bps, 
                   discrete_clocks: bool = False) -> np.ndarray:
     """CARD's server clock for given cut layers (K,), for either schedule (Hz), shape (K,).
 
-    Sequential: :func:`optimal_frequency_hz`. Pipelined: the piecewise closed form of the module docstring.
+    Sequential: :func:`optimal_frequency_hz`. Pipelined: the piecewise closed form of docs/model.md, "Pipelined
+    schedule".
     The value is meaningless where c = L (server idle).
     Raises: ValueError for w outside [0, 1], a cut layer outside 0..L, bad compute or rates.
     """

@@ -1,31 +1,9 @@
 """Per-cut-layer cost profile of a decoder-only LLM fine-tuned with LoRA under split learning.
 
-A :class:`ModelProfile` holds, for every cut layer ``c`` in ``0..L``, the FLOPs the device and the server
-run per mini-batch, the bytes of smashed data on the link, and the device's memory. It is built from a
-Hugging Face config (:func:`load_model_config`, :func:`profile_model`) with the counting conventions below,
-which ``tests/model/test_profile.py`` checks against ``torch.utils.flop_counter.FlopCounterMode`` and
-``torch.autograd.graph.saved_tensors_hooks`` on the real transformers + peft modules.
-
-FLOP conventions (one mini-batch of ``B`` sequences of ``s`` tokens, ``T = B s`` tokens; 1 multiply-add = 2 FLOP):
-
-* linear ``in -> out``: forward ``2 T in out``; LoRA adapter of rank ``r`` adds ``2 T r (in + out)``.
-* backward of a frozen linear: input gradient ``2 T in out`` (only when its input requires grad); its LoRA
-  adapter: weight gradients of A and B ``2 T r (in + out)``, input gradient of B ``2 T r out`` and of A
-  ``2 T r in`` (the latter only when the input requires grad): ``4 T r (in + out)`` in a middle block.
-* attention scores and weighted sum: forward ``4 B n_heads s^2 head_dim`` (no causal halving, as
-  FlopCounterMode counts sdpa); backward ``2 x`` forward (the math path; the fused GPU flash backward
-  recomputes the scores and is counted as 2.5x by FlopCounterMode).
-* elementwise ops (RMSNorm, SiLU, rotary, residual adds, softmax, cross-entropy) count 0, as in FlopCounterMode.
-* head (final norm + LM head + loss): ``2 T H V`` forward and ``2 T H V`` backward (input gradient; frozen head).
-* saved activations (memory) are listed per tensor in ``_sublayer``; checked against saved_tensors_hooks on
-  transformers' layers with sdpa's memory-efficient kernel (no s x s score matrix is kept).
-* device memory = frozen weights x param_bytes + 16 bytes per LoRA parameter (fp32 weight, grad, two AdamW
-  states) + saved activations; no runtime reserve (the hardware model adds it).
-* autograd skips what it does not need: the embedding output does not require grad, so block 1 computes no
-  input gradient for q/k/v (gate/up) until a LoRA adapter has been passed; at ``c = 0`` no gradient is sent down.
-
-Sources: the 2-FLOP-per-MAC linear count is Kaplan et al. 2020 (arXiv 2001.08361) Table 1; the module shapes are
-those of transformers' ``modeling_llama.py`` / ``modeling_qwen2.py`` / ``modeling_mistral.py``.
+A :class:`ModelProfile` holds, for every cut layer c in 0..L, the device's and the server's FLOPs per mini-batch,
+the bytes of smashed data and the device's memory, counted from a Hugging Face config (:func:`load_model_config`,
+:func:`profile_model`) by conventions that ``tests/model/test_profile.py`` checks on the real modules.
+Source: docs/model.md, "Compute (FLOPs per mini-batch)" and "Memory (device)".
 """
 from __future__ import annotations
 
@@ -109,7 +87,8 @@ class ModelProfile:
     Arrays named ``device_*`` / ``server_*`` / ``smashed_bytes`` / ``grad_bytes`` have shape ``(n_cuts + 1,)`` and
     are indexed by the cut layer ``c``: the device runs the embedding and units ``1..c``; the server runs units
     ``c+1..L``, the final norm, the LM head and the loss; at ``c = L`` the device runs everything.
-    ``unit_*`` arrays have shape ``(n_cuts,)`` (entry ``u - 1`` is unit ``u``). Conventions: module docstring.
+    ``unit_*`` arrays have shape ``(n_cuts,)`` (entry ``u - 1`` is unit ``u``). Conventions: docs/model.md,
+    "Compute (FLOPs per mini-batch)" and "Memory (device)".
     """
 
     name: str  #: model name (config file stem or hub id)

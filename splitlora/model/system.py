@@ -1,20 +1,8 @@
-"""The delay and server-energy model of split LoRA fine-tuning (docs/model.md "Delay and energy").
+"""The delay and server-energy model of split LoRA fine-tuning: :class:`Workload` and :class:`CostModel`.
 
-Per mini-batch, for cut layer c (device runs units 1..c), device compute P_d (FLOP/s), link rates
-R_up / R_down (bit/s) and server GPU clock f (Hz):
-
-    T_d(c)    = F_d(c) / P_d                                   device compute (s)
-    T_l(c)    = 8 (S(c) + B s b_y) / R_up + 8 G(c) / R_down      smashed data and labels up, gradient down (s)
-    T_s(c, f) = C_s(c) / f,   C_s(c) = F_s(c) / (eta_s g_s)     server compute (s), server cycles
-    E_s(c, f) = kappa C_s(c) f^2 + P0 C_s(c) / f                server energy (J)
-
-A round of I mini-batches per device costs I times these, plus the hand-over of the device-side LoRA
-adapter (A(c) parameters x bytes each, received before and sent after the round over the same link):
-
-    T(c, f) = I (T_d + T_l + T_s) + 8 A(c) b_A (1/R_up + 1/R_down),     E(c, f) = I E_s(c, f)
-
-Everything is vectorised: per-cut arrays have shape (L+1,), per device-round inputs shape (K,), results
-(K, L+1) or (K,). At c = L nothing is sent and the server is idle (C_s(L) = 0, f is irrelevant).
+Per mini-batch T_d = F_d / P_d, T_l = 8 (S + B s b_y) / R_up + 8 G / R_down, T_s = C_s / f and
+E_s = kappa C_s f^2 + P0 C_s / f; a round of I mini-batches adds the hand-over of the device-side adapter.
+Everything is vectorised over cut layers and device-rounds. Source: docs/model.md, "Delay and energy".
 """
 from __future__ import annotations
 
@@ -89,6 +77,7 @@ class CostModel:
         kappa: server effective switched capacitance (W/Hz^3); static_power_w: P0 (W).
         f_min_hz, f_max_hz: server clock range (Hz); clocks_hz: supported-clock table (Hz), shape (K_f,).
         iterations: I (-); schedule: "sequential" or "pipelined" (see :class:`Workload`).
+    Everything is vectorised: per device-round inputs have shape (K,), results (K, L+1) or (K,).
     Build it with :meth:`from_profile`.
     """
 

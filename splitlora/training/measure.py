@@ -1,24 +1,8 @@
 """Host measurement of split LoRA training per cut layer: the measured profile the delay model predicts.
 
-For every cut layer c, :func:`measure_split_profile` runs real split training steps (device forward,
-wire cast, server forward + loss, server backward, device backward) on this host and records
-(docs/split-training.md, "Measured profile"):
-
-* ``device_fwd_s``, ``device_bwd_s``, ``server_fwd_s``, ``server_bwd_s``: seconds per mini-batch (wall
-  clock, or CPU time of the process with ``clock="cpu"``), median over ``repeats`` steps after ``warmup``
-  steps (optimiser step excluded);
-* ``smashed_bytes``: B s H x bytes per wire element (0 when c = L);
-* memory of each part (unit: byte), *counted*, not sampled from the allocator:
-  ``*_param_bytes`` frozen + LoRA weights held by the part; ``*_lora_bytes`` LoRA weights only;
-  ``*_activation_bytes`` the tensors autograd saves for backward during the part's forward (captured
-  with ``torch.autograd.graph.saved_tensors_hooks``, unique storages, parameters excluded);
-  ``*_mem_bytes`` = param bytes + 3 x LoRA bytes (gradients and AdamW's two moments) + activation bytes
-  + the smashed tensor and its gradient at the cut.
-  Counting is exact and platform independent; allocator peaks on CPU (tracemalloc/psutil) are not
-  (caching, fragmentation, other threads), which is why they are not used.
-
-The default model is the Llama-3.2-1B architecture with random weights (time and memory do not depend on
-the values); ``num_layers`` and ``seq_len`` shrink it for a CPU run.
+:func:`measure_split_profile` times real split training steps on this host and counts each part's memory and the
+smashed bytes; :func:`predicted_vs_measured` (and :func:`measure_and_predict`) compare them with the profile's
+prediction. Source: docs/split-training.md, "Measured profile" (the columns).
 """
 from __future__ import annotations
 
@@ -78,8 +62,8 @@ def measure_cut(model, cut_layer: int, input_ids: torch.Tensor, labels: torch.Te
                 warmup: int = 1, clock: str = "wall") -> dict:
     """One row of :func:`measure_split_profile` for a LoRA-wrapped ``model`` at ``cut_layer``.
 
-    ``input_ids``/``labels``: (B, s) long. Returns a dict of the columns documented in the module
-    docstring. ``clock``: ``"wall"`` (``time.perf_counter``) or ``"cpu"`` (``time.process_time``: CPU seconds of
+    ``input_ids``/``labels``: (B, s) long. Returns a dict of the columns documented in docs/split-training.md,
+    "Measured profile". ``clock``: ``"wall"`` (``time.perf_counter``) or ``"cpu"`` (``time.process_time``: CPU seconds of
     this process, which other processes on a shared host do not inflate; meant with one torch thread, since
     idle worker threads spinning would be counted). Raises ValueError for a bad cut, granularity, wire dtype
     or clock.
@@ -160,7 +144,7 @@ def measure_split_profile(config=None, *, cuts=None, granularity: str = "block",
             its weights).
         clock: ``"wall"`` or ``"cpu"`` (:func:`measure_cut`); threads: torch intra-op threads during the
             measurement (restored after; default: leave as is). On a shared host use ``clock="cpu", threads=1``.
-    Returns one row per cut (columns: see the module docstring). Runtime grows with L x repeats;
+    Returns one row per cut (columns: docs/split-training.md, "Measured profile"). Runtime grows with L x repeats;
     the full 1B model takes seconds per step on a CPU.
     """
     from peft import LoraConfig, get_peft_model

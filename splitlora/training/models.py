@@ -1,14 +1,8 @@
 """Models and tokenizers for split fine-tuning: an offline default and real checkpoints.
 
-* :func:`byte_tokenizer` builds a byte-level ``PreTrainedTokenizerFast`` offline (256 byte tokens plus
-  ``<pad>``, ``<s>``, ``</s>``; vocab 259) with the ``tokenizers`` library: no download, no file.
-* :func:`tiny_llama_config` / :func:`llama32_1b_config` give Llama-architecture configs: a small one for
-  tests and the CPU default, and the released Llama-3.2-1B architecture (optionally with fewer layers).
-* :func:`load_model_and_tokenizer` returns the offline default (random weights, seeded) or, given
-  ``model_name_or_path``, a real pretrained checkpoint with its own tokenizer: a named model that a package
-  ships (``"smollm2-135m"``, offline), a GGUF file, a local folder or a Hugging Face id.
-
-Source: docs/split-training.md, "Workload". Nothing is built at import time.
+:func:`load_model_and_tokenizer` returns the offline default (a tiny random Llama of :func:`tiny_llama_config`
+with the :func:`byte_tokenizer`) or a real pretrained checkpoint with its own tokenizer; :func:`llama32_1b_config`
+is the Llama-3.2-1B architecture. Nothing is built at import time. Source: docs/split-training.md, "Workload".
 """
 from __future__ import annotations
 

@@ -1,19 +1,8 @@
 """Exact splitting of a Hugging Face decoder-only causal LM into a device part and a server part.
 
-The device part runs the token embedding and units 1..c; the server part runs units c+1..L, the final
-norm, the LM head and the loss (docs/split-training.md, "Split model"; system-model conventions: c = 0 means the
-device sends the embedding output, c = L means the device runs everything and nothing is sent).
-
-A *unit* is one decoder block (``granularity="block"``, L = number of blocks) or one half of a block
-(``granularity="sublayer"``, L = 2 x blocks): unit 2k-1 is norm + self-attention + residual of block k,
-unit 2k is norm + MLP + residual of block k (k = 1..blocks).
-
-What crosses the wire is only the hidden state at the cut, shape (B, s, H), cast to the wire dtype.
-Position ids, rotary embeddings and attention masks are rebuilt by each side from the shapes (and from
-the optional 2-D padding mask, which is then sent and counted). Both parts reference the modules of the
-model they were cut from (no copy), except the LM head of a tied-embedding model: the server holds its own
-frozen copy of the embedding matrix for the head, so the two never drift; adapting a tied embedding or
-head with LoRA is refused (:func:`check_lora_targets`).
+The device part runs the token embedding and units 1..c, the server part units c+1..L, the final norm, the LM
+head and the loss; a unit is a decoder block or half of one, and only the hidden state at the cut (with the
+optional padding mask) crosses the wire. Source: docs/split-training.md, "Split model".
 """
 from __future__ import annotations
 

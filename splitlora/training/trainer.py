@@ -1,26 +1,8 @@
-"""Sequential split LoRA fine-tuning: one server, several devices taking turns.
+"""Sequential split LoRA fine-tuning: one server, several devices taking turns (:class:`SplitTrainer`).
 
-Reference: docs/split-training.md, "Split training".
-
-One training step (mini-batch) with cut layer c < L:
-
-1. device forward (embedding + units 1..c) -> hidden h, shape (B, s, H);
-2. h is cast to the wire dtype and sent with the labels (B, s) (and the padding mask if configured);
-3. server forward (units c+1..L, norm, head), loss, backward -> gradient of the received hidden state;
-4. that gradient (wire dtype) is sent back (only when the device part has trainable parameters);
-5. device backward; each side steps its own AdamW on the LoRA parameters it owns.
-
-With c = L the device runs everything and nothing is sent. Each step is logged (:class:`StepLog`).
-
-Several devices: the server-side adapter is shared; when the next device takes over, the device-side
-adapter *and its optimiser state* are serialised (bytes counted), the receiving side's copy is wiped
-(NaN) and the payload loaded, so a missing tensor cannot go unnoticed. When the cut changes, the LoRA
-parameters of the units between the old and new cut move between server and device the same way.
-Because AdamW is element-wise and the device/server parameter sets are disjoint, this is the same
-computation as ordinary peft training of the unsplit model on the concatenated data order (tests).
-
-The emulation keeps one model instance for the server and one for "the device in turn"; each instance
-only uses and owns the units of its side.
+A step runs the device forward, the wire, the server forward, loss and backward, and the device backward; between
+devices the device-side adapter and its AdamW state are handed over, so split training is the same computation
+as ordinary peft training of the unsplit model. Source: docs/split-training.md, "Split training".
 """
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from splitlora.experiments import analytic as ex
+from splitlora.model.scenario import DEVICE_NAMES, Scenario
 from splitlora.paths import DATA_DIR
 
 HW = yaml.safe_load((DATA_DIR / "hardware.yaml").read_text())
@@ -62,7 +63,7 @@ def _brute_force(p, P, M, R, w):
 
 @pytest.mark.parametrize("state", ["Good", "Poor"])
 def test_fig2_decisions_equal_brute_force(state):
-    sc = ex.Scenario()
+    sc = Scenario()
     weights = (0.05, 0.1, 0.3)
     table = ex.optimal_decisions(sc, state, weights=weights)
     p = sc.profile()
@@ -75,7 +76,7 @@ def test_fig2_decisions_equal_brute_force(state):
 
 
 def test_fig3_server_only_and_fixed_cut_by_hand():
-    sc = ex.Scenario()
+    sc = Scenario()
     table = ex.policy_comparison(sc, rounds=3, conditions=("Normal",)).set_index("policy")
     p = sc.profile()
     R = _rate("Normal")
@@ -107,7 +108,7 @@ def test_fig1_profile_table_is_consistent():
         total = sub.device_tflop + sub.server_tflop
         assert np.allclose(total, total.iloc[0], rtol=1e-12)
         assert sub.device_tflop.is_monotonic_increasing and sub.device_memory_gb.is_monotonic_increasing
-        for name in ex.DEVICE_NAMES:
+        for name in DEVICE_NAMES:
             M = _device(name)[1]
             assert (sub[f"fits_{name}"] == (sub.device_memory_gb * 1e9 <= M)).all()
 
@@ -123,7 +124,7 @@ def test_fig4_curves_convex_with_optimum_at_minimum():
 
 
 def test_energy_only_weight_pushes_every_device_to_its_memory_limit():
-    sc = ex.Scenario(w=0.0)
+    sc = Scenario(w=0.0)
     table = ex.optimal_decisions(sc, "Normal", weights=(0.0,))
     p = sc.profile()
     for _, row in table.iterrows():
@@ -133,7 +134,7 @@ def test_energy_only_weight_pushes_every_device_to_its_memory_limit():
 
 def test_fig6_pipelined_decisions_equal_brute_force():
     """fig6's pipelined rows against a scalar brute force over (cut, clock table) with the pipelined delay."""
-    sc = ex.Scenario(schedule="pipelined")
+    sc = Scenario(schedule="pipelined")
     table = ex.schedule_comparison(sc, "Normal")
     p = sc.profile()
     I, R = 10, _rate("Normal")
