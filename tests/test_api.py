@@ -60,7 +60,6 @@ def test_config_dataclasses_document_every_field():
     import re
 
     from splitlora.distributed.config import DistConfig, LinkConfig, RunConfig
-    from splitlora.emulation.run import EMULATION_SCENARIO  # noqa: F401  (module imports cleanly)
     from splitlora.model.system import CostModel, Workload
     from splitlora.training.trainer import SplitTrainConfig
 
