@@ -101,7 +101,7 @@ class RunConfig:
     string on every host: it is part of the fingerprint) [None]. devices: device names of data/hardware.yaml, one per device rank (their reported profile).
     rounds, steps_per_round: N rounds, I mini-batches per device per round. cut: "card" (CARD each round),
     an int (fixed) or a list per round of a cut per device. w: CARD's delay weight. card_scenario: None (CARD
-    costs the trained model and workload) or :class:`~splitlora.experiments.analytic.Scenario` fields: CARD then decides
+    costs the trained model and workload) or :class:`~splitlora.model.scenario.Scenario` fields: CARD then decides
     for that scenario's model (e.g. Llama-3.2-1B, L' units, ``w`` from the scenario) and the trained model gets
     the cut round(c' L / L'), so a small model can stand in for the paper's. link: :class:`LinkConfig`.
     dist: :class:`DistConfig`.
@@ -167,7 +167,7 @@ class RunConfig:
 def section_keys(section: str) -> list[str] | None:
     """Keys the nested section ``section`` of a run configuration may hold (sorted): the parameters of
     :class:`SplitTrainConfig` (``train``), :class:`LinkConfig`, :class:`DistConfig`, ``peft.LoraConfig`` (``lora``),
-    :class:`~splitlora.experiments.analytic.Scenario` (``card_scenario``), ``tiny_llama_config`` plus ``seed`` and
+    :class:`~splitlora.model.scenario.Scenario` (``card_scenario``), ``tiny_llama_config`` plus ``seed`` and
     ``name_or_path`` (``model``); None for a field that is not a section."""
     def lora():
         from peft import LoraConfig
@@ -234,7 +234,6 @@ def check_run_config(cfg: RunConfig) -> None:
     if "name_or_path" not in cfg.model:
         tiny_llama_config(**{k: v for k, v in cfg.model.items() if k != "seed"})
     else:
-
         resolve_source(cfg.model["name_or_path"])  # a named model's package installed, a local path present
     _check_keys("lora", cfg.lora)
     if cfg.card_scenario is not None:

@@ -53,7 +53,6 @@ def build_tokenizer(cfg: RunConfig):
     """The tokenizer of the base model: the offline byte tokenizer, or ``name_or_path``'s (pad = EOS if none)."""
     name = cfg.model.get("name_or_path")
     if name is None:
-
         return byte_tokenizer()
 
     return load_tokenizer(name)
@@ -116,7 +115,6 @@ def cost_model(cfg: RunConfig, hf_config):
                          lora_rank=int(cfg.lora.get("r", 8)), lora_targets=targets or ATTN_TARGETS,
                          param_bytes=4, wire_bytes=wire)
     if cfg.card_scenario is not None:
-
         return Scenario(**cfg.card_scenario).cost_model(), prof
     return CostModel.from_profile(prof, load_server(), Workload(cfg.steps_per_round)), prof
 

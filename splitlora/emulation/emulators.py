@@ -318,7 +318,6 @@ def kappa_calibration(server: ServerSpec | None = None, *, n_clocks: int = 8, re
             reason = f"{gpu.name} GPU found but clock control not allowed (read-only)"
             gpu.close()
         else:
-
             clocks = np.asarray(gpu.supported_clocks_mhz()) * 1e6
             work = matmul_workload(getattr(gpu, "gpu_index", 0), matmul_size, matmul_iters)
             targets = np.quantile(clocks, np.linspace(0.2, 1.0, n_clocks))

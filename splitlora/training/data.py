@@ -132,7 +132,6 @@ def load_gsm8k(source: str | os.PathLike | None = None, split: str = "train", li
     """
     check_choice("split", split, ("train", "test"))
     if isinstance(source, str) and source.lower() == "gsm8k" and not Path(source).exists():
-
         source = GSM8K_DIR
     if source is None:
         return synthetic_gsm8k(limit or 512, seed=seed + (0 if split == "train" else 1))
