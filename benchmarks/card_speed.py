@@ -17,7 +17,7 @@ from scipy.optimize import minimize_scalar
 
 from splitlora import card, load_channel
 from splitlora.atomic import atomic_write
-from splitlora.experiments.analytic import Scenario, channel_states
+from splitlora.model.scenario import Scenario, channel_states
 from splitlora.experiments.figures import git_state
 from splitlora.model.system import objective
 from splitlora.paths import BENCHMARK_RESULTS_DIR

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from splitlora import ChannelSpec, ServerSpec, card, load_device
-from splitlora.experiments.analytic import Scenario, optimal_decisions
+from splitlora.experiments.analytic import optimal_decisions
+from splitlora.model.scenario import Scenario
 from tests.helpers import random_instance
 
 GOOD_CHANNEL = dict(bandwidth_hz=20e6, snr_db={"Good": 25, "Normal": 15, "Poor": 5},

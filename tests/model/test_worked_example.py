@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from splitlora import load_channel, load_device, load_server
-from splitlora.experiments.analytic import Scenario
+from splitlora.model.scenario import Scenario
 
 # inputs as written in docs/model.md
 F_D = 2.065074e12 + 2.111312e12
