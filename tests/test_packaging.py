@@ -3,6 +3,7 @@ path) finds its data (importlib.resources), decides with CARD and runs the ``spl
 without torch and reads no file at import."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -17,7 +18,11 @@ from splitlora.paths import REPO_ROOT
 @pytest.fixture(scope="module")
 def wheel_venv(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO_ROOT), "--no-deps", "--no-build-isolation", "-q",
+    src = tmp / "src"  # built from a copy, so the checkout gets no build/ or egg-info folders
+    shutil.copytree(REPO_ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "__pycache__", ".pytest_cache", "figures", "notebooks", "benchmarks",
+        "tests"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(tmp / "dist")], check=True, cwd=tmp)
     wheel = next((tmp / "dist").glob("splitlora-*.whl"))
     venv = tmp / "venv"
