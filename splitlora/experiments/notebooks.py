@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from splitlora.errors import InvalidParameterError
+from splitlora.experiments.parameters import declared_parameters
 from splitlora.paths import NOTEBOOKS_DIR
 
 KERNEL_NAME = "python3"
@@ -62,12 +63,14 @@ def run_notebooks(parameters: dict | None = None, *, only=None, smoke: bool = Fa
     """Execute notebooks with papermill, injecting ``parameters`` (and ``smoke``) into each one's parameters cell.
 
     Args:
-        parameters: extra values for the parameters cells (only names a notebook declares are used by it).
+        parameters: extra values for the parameters cells (each notebook gets the names it declares; a name that no
+            selected notebook declares is refused before any notebook runs).
         only: notebook stems to run (default: all); smoke: pass ``smoke=True`` (figures then go to
             ``<out_dir>/figures`` unless ``$SPLITLORA_FIGURES_DIR`` is set); timeout_s: per cell (s).
     Returns:
         :class:`NotebookRun`.
     Raises:
+        InvalidParameterError: a parameter that no selected notebook declares.
         RuntimeError: a notebook failed (after all others ran if ``stop_on_error`` is False), with its error.
     """
     import papermill as pm
@@ -80,10 +83,16 @@ def run_notebooks(parameters: dict | None = None, *, only=None, smoke: bool = Fa
             return run_notebooks(parameters, only=only, smoke=smoke, folder=folder, out_dir=out_dir,
                                  timeout_s=timeout_s, stop_on_error=stop_on_error)
     run = NotebookRun(found=[p.stem for p in find_notebooks(folder)])
-    for nb in find_notebooks(folder, only):
+    selected = find_notebooks(folder, only)
+    declared_by = {nb.stem: declared_parameters(nb) for nb in selected}
+    unknown = sorted(set(parameters or {}) - set().union(*declared_by.values()))
+    if unknown:
+        raise InvalidParameterError(f"parameters={unknown!r} are invalid: no selected notebook takes them "
+                                    f"(they take {sorted(set().union(*declared_by.values()))})")
+    for nb in selected:
         params = dict(parameters or {})
         params["smoke"] = bool(smoke)
-        declared = pm.inspect_notebook(str(nb))
+        declared = declared_by[nb.stem]
         params = {k: v for k, v in params.items() if k in declared}
         t0 = time.perf_counter()
         print(f"[splitlora] executing {nb.name} {params}", file=sys.stderr, flush=True)

@@ -1,0 +1,71 @@
+"""Notebook parameters: unknown names refused, papermill's string values parsed or refused with a named error."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from splitlora.errors import InvalidParameterError
+from splitlora.experiments.notebooks import find_notebooks, run_notebooks
+from splitlora.experiments.parameters import coerce_parameter, declared_parameters, notebook_parameters
+
+
+def _notebook(tmp_path, params_source, other_source="table = 1\nimport numpy as np\n"):
+    nb = {"cells": [{"cell_type": "code", "metadata": {"tags": ["parameters"]}, "source": params_source,
+                     "outputs": [], "execution_count": None},
+                    {"cell_type": "code", "metadata": {}, "source": other_source, "outputs": [],
+                     "execution_count": None}],
+          "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+    path = tmp_path / "demo.ipynb"
+    path.write_text(json.dumps(nb))
+    return path
+
+
+def test_declared_parameters_are_the_literals_of_the_tagged_cell(tmp_path):
+    path = _notebook(tmp_path, "smoke = False  # c\nw = 0.1\nweights = [0.1, 0.2]\nname = 'x'\ncuts = None\n")
+    assert declared_parameters(path) == {"smoke": False, "w": 0.1, "weights": [0.1, 0.2], "name": "x", "cuts": None}
+
+
+def test_every_shipped_notebook_declares_literal_parameters():
+    for nb in find_notebooks():
+        declared = declared_parameters(nb)
+        assert "smoke" in declared and declared["smoke"] is False, nb.name
+
+
+def test_unknown_parameter_is_refused_naming_it_and_the_known_ones(tmp_path):
+    path = _notebook(tmp_path, "smoke = False\nw = 0.1\n")
+    ns = {"smoke": False, "w": 0.1, "schedul": "pipelined", "In": [], "_": None, "np": math,
+          "table": 3, "f": print}
+    with pytest.raises(InvalidParameterError, match=r"\['schedul'\].*takes only \['smoke', 'w'\]"):
+        notebook_parameters(path, ns)
+    del ns["schedul"]
+    assert notebook_parameters(path, ns) == {"smoke": False, "w": 0.1}
+
+
+def test_strings_from_papermill_are_parsed_into_the_default_kind(tmp_path):
+    path = _notebook(tmp_path, "smoke = False\nweights = [0.1, 0.2]\nrounds = 3\nw = 0.1\nname = 'a'\n")
+    ns = {"smoke": "true", "weights": "[0.3, 0.4]", "rounds": "7", "w": 1, "name": "[1]"}
+    out = notebook_parameters(path, ns)
+    assert out == {"smoke": True, "weights": [0.3, 0.4], "rounds": 7, "w": 1.0, "name": "[1]"}
+    assert ns["weights"] == [0.3, 0.4] and isinstance(ns["w"], float)
+
+
+@pytest.mark.parametrize("name,value,default,allowed", [
+    ("weights", "[0.1, 0.2", [0.1], "a list of numbers"),
+    ("weights", "0.1", [0.1], "a list of numbers"),
+    ("weights", ["a"], [0.1], "a list of numbers"),
+    ("rounds", "2.5", 3, "an integer"),
+    ("rounds", True, 3, "an integer"),
+    ("smoke", "yes please", False, "a boolean"),
+    ("w", "high", 0.1, "a number"),
+])
+def test_values_of_the_wrong_kind_are_refused_with_the_parameter_name(name, value, default, allowed):
+    with pytest.raises(InvalidParameterError, match=rf"^{name}=.* is invalid: must be {allowed}"):
+        coerce_parameter(name, value, default)
+
+
+def test_run_notebooks_refuses_a_parameter_no_selected_notebook_takes(tmp_path):
+    with pytest.raises(InvalidParameterError, match=r"\['schedul'\].*no selected notebook takes"):
+        run_notebooks({"schedul": "pipelined"}, only=["fig2_optimal_cut"], out_dir=tmp_path)
+    assert not any(tmp_path.iterdir())  # refused before any notebook ran
