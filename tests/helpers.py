@@ -32,7 +32,7 @@ def random_instance(seed: int, k: int = 8, static_power: bool = False, schedule:
     rng = np.random.default_rng(seed)
     prof = synthetic_profile(rng)
     f_max = rng.uniform(1e9, 3e9)
-    server = ServerSpec(board="test", cuda_cores=int(rng.integers(1000, 10000)), utilisation=rng.uniform(0.1, 1),
+    server = ServerSpec.from_datasheet(board="test", cuda_cores=int(rng.integers(1000, 10000)), utilisation=rng.uniform(0.1, 1),
                         f_min_hz=f_max * rng.uniform(0.05, 0.9), f_max_hz=f_max, clock_step_hz=15e6,
                         board_power_w=rng.uniform(50, 500),
                         static_power_w=rng.uniform(0, 50) if static_power else 0.0)

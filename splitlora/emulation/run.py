@@ -17,7 +17,7 @@ from splitlora.emulation.emulators import (EmulatedChannel, EmulatedDevice, Serv
                                            measure_host_flops_per_s)
 from splitlora.errors import InvalidParameterError
 from splitlora.model.baselines import POLICIES, run_policies
-from splitlora.model.hardware import CHANNEL_STATES, load_channel, load_devices, load_server
+from splitlora.model.hardware import CHANNEL_STATES, load_channel
 from splitlora.model.profile import ATTN_TARGETS, profile_model
 from splitlora.model.scenario import Scenario
 from splitlora.model.system import CostModel, Workload
@@ -108,19 +108,18 @@ def emulated_training(policies=DEFAULT_POLICIES, scenario: Scenario | None = Non
     V.check_int_range("scenario.seq_len", sc.seq_len, 2, 1 << 16)
     devices, steps_per_round, batch_size, seq_len = sc.devices, sc.steps_per_round, sc.batch_size, sc.seq_len
     lora_rank, granularity, w = sc.lora_rank, sc.granularity, sc.w
-    known = load_devices()
     if model is None:
         model, tokenizer = load_model_and_tokenizer(seed=seed)
     elif tokenizer is None:
         raise InvalidParameterError("tokenizer=None is invalid with a model: must give the model's tokenizer")
 
-    server = load_server()
+    server = sc.hardware_profiles().server(sc.server)
     channel_spec = load_channel()
     profile = profile_model(model.config, batch_size=batch_size, seq_len=seq_len, granularity=granularity,
                             lora_rank=lora_rank, lora_targets=ATTN_TARGETS, param_bytes=4, wire_bytes=4,
                             activation_bytes=4, name="trained model")
     cost = CostModel.from_profile(profile, server, Workload(steps_per_round))
-    specs = [known[d].scaled(sc.compute_scale) for d in devices]
+    specs = [d.scaled(sc.compute_scale) for d in sc.device_specs().values()]
     P = np.array([s.flops_per_s for s in specs])
     Mem = np.array([s.training_memory_bytes for s in specs])
     host_flops = measure_host_flops_per_s()

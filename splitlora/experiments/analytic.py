@@ -40,7 +40,7 @@ def profile_table(scenario: Scenario | None = None) -> pd.DataFrame:
     """
     scenario = Scenario() if scenario is None else scenario
     rows = []
-    specs = load_devices()
+    specs = scenario.device_specs()
     for g in ("block", "sublayer"):
         p = replace(scenario, granularity=g).profile()
         for c in range(p.n_cuts + 1):
@@ -79,7 +79,7 @@ def optimal_decisions(scenario: Scenario | None = None, channel_state: str = "No
     model = scenario.cost_model()
     P, M = scenario.device_arrays()
     R = np.full(len(P), load_channel().rate_bps(channel_state))
-    specs = load_devices()
+    specs = scenario.device_specs()
     rows = []
     for w in weights:
         d = card(model, P, R, R, M, float(w), discrete_clocks=scenario.discrete_clocks)

@@ -17,7 +17,7 @@ import pandas as pd
 from splitlora._validate import check_choice, check_int_range
 from splitlora.errors import InvalidParameterError
 from splitlora.experiments.analytic import optimal_decisions
-from splitlora.model.hardware import load_devices
+from splitlora.model.hardware import load_hardware
 from splitlora.model.profile import ATTN_TARGETS, SHIPPED_MODELS
 from splitlora.model.scenario import DEVICE_NAMES, Scenario
 from splitlora.training.data import load_gsm8k, tokenize_batches
@@ -80,12 +80,10 @@ def prepare_finetune(model_name_or_path: str = "smollm2-135m", data: str = "gsm8
     from peft import LoraConfig
 
 
-    devices = tuple(devices)
-    known = load_devices()
-    if not devices:
-        raise InvalidParameterError(f"devices=() is invalid: must name at least one of {list(known)}")
-    for d in devices:
-        check_choice("devices", d, list(known))
+    known = load_hardware()
+    if isinstance(devices, str) or not devices:
+        raise InvalidParameterError(f"devices={devices!r} is invalid: must be a non-empty list of {list(known.devices)}")
+    devices = tuple(known.device_key(d, "devices") for d in devices)
     for name, v, hi in (("rounds", rounds, 10**5), ("steps_per_round", steps_per_round, 10**5),
                         ("batch_size", batch_size, 4096), ("seq_len", seq_len, 1 << 16),
                         ("n_heldout", n_heldout, 1319), ("n_generate", n_generate, 1319),

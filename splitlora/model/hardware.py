@@ -7,7 +7,7 @@ kappa = board power / f_max^3 (docs/model.md "Server energy").
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -33,7 +33,9 @@ class DeviceSpec:
         utilisation: sustained fraction eta_d of peak FLOP/s (-).
         memory_bytes: total (CPU/GPU shared) memory (byte).
         memory_reserve_bytes: part of it held by the OS and CUDA runtime (byte).
-    Source: data/hardware.yaml (datasheet URLs there), docs/model.md "Compute".
+        sustained_flops_per_s: measured or vendor-stated sustained FLOP/s; when given it is P_d and the datasheet
+            numbers (cuda_cores, gpu_max_clock_hz, utilisation) are not used (a phone, an NPU) (FLOP/s).
+    Source: data/hardware.yaml (datasheet URLs there), docs/model.md "Compute" and "Your own hardware".
     """
 
     name: str
@@ -43,6 +45,7 @@ class DeviceSpec:
     utilisation: float
     memory_bytes: float
     memory_reserve_bytes: float
+    sustained_flops_per_s: float | None = None
 
     @property
     def flops_per_cycle(self) -> float:
@@ -51,7 +54,10 @@ class DeviceSpec:
 
     @property
     def flops_per_s(self) -> float:
-        """Sustained compute P_d = eta_d g_d f_d (FLOP/s), docs/model.md "Compute"."""
+        """Sustained compute P_d = eta_d g_d f_d, or ``sustained_flops_per_s`` when given (FLOP/s), docs/model.md
+        "Compute"."""
+        if self.sustained_flops_per_s is not None:
+            return self.sustained_flops_per_s
         return self.utilisation * self.flops_per_cycle * self.gpu_max_clock_hz
 
     @property
@@ -66,60 +72,95 @@ class DeviceSpec:
             ValueError: compute_scale not finite and > 0.
         """
         V.check_positive("compute_scale", compute_scale)
-        return DeviceSpec(self.name, self.board, self.cuda_cores, self.gpu_max_clock_hz * compute_scale,
-                          self.utilisation, self.memory_bytes, self.memory_reserve_bytes)
+        sustained = None if self.sustained_flops_per_s is None else self.sustained_flops_per_s * compute_scale
+        return replace(self, gpu_max_clock_hz=self.gpu_max_clock_hz * compute_scale, sustained_flops_per_s=sustained)
 
 
 @dataclass(frozen=True)
 class ServerSpec:
-    """The edge server's GPU (RTX 4060 Ti 16GB in the paper).
+    """The edge server's GPU (RTX 4060 Ti 16GB in the paper), as the delay/energy model sees it.
 
     Attributes:
         board: product name.
-        cuda_cores: CUDA cores (-).
-        utilisation: eta_s (-).
-        f_min_hz, f_max_hz: lowest and highest GPU clock CARD may choose (Hz).
-        clock_step_hz: spacing of the supported-clock table (Hz).
-        board_power_w: total graphics power at f_max (W).
+        flops_per_cycle: g_s, peak FLOP per clock cycle (2 x CUDA cores for FP32 CUDA cores) (FLOP/cycle).
+        utilisation: eta_s, sustained fraction of peak (-).
+        clocks_hz: the supported-clock table CARD picks from, ascending (Hz), shape (K_f,).
+        kappa: effective switched capacitance, dynamic power kappa f^3 (W/Hz^3).
         static_power_w: P0, power drawn while computing independent of f (W); 0 in the default model.
-    Source: data/hardware.yaml; kappa derivation in docs/model.md "Server energy".
+        memory_bytes: GPU memory (byte).
+    Raises:
+        InvalidParameterError: a value out of range (non-positive clocks, g_s, kappa; unsorted clock table).
+    Source: data/hardware.yaml; docs/model.md "Server energy" and "Your own hardware".
     """
 
     board: str
-    cuda_cores: int
+    flops_per_cycle: float
     utilisation: float
-    f_min_hz: float
-    f_max_hz: float
-    clock_step_hz: float
-    board_power_w: float
+    clocks_hz: tuple
+    kappa: float
     static_power_w: float = 0.0
+    memory_bytes: float = float("inf")
 
     def __post_init__(self):
-        V.check_positive("f_min_hz", self.f_min_hz)
-        V.check_positive("f_max_hz", self.f_max_hz)
-        V.check_order("f_min_hz", self.f_min_hz, "f_max_hz", self.f_max_hz)
-        V.check_positive("board_power_w", self.board_power_w)
+        object.__setattr__(self, "clocks_hz", tuple(float(f) for f in np.atleast_1d(self.clocks_hz)))
+        V.check_positive("clocks_hz", self.clocks_hz)
+        if list(self.clocks_hz) != sorted(set(self.clocks_hz)):
+            raise InvalidParameterError(f"clocks_hz={list(self.clocks_hz)!r} is invalid: must be strictly ascending")
+        V.check_positive("flops_per_cycle", self.flops_per_cycle)
+        V.check_positive("kappa", self.kappa)
         V.check_positive("static_power_w", self.static_power_w, allow_zero=True)
         V.check_range("utilisation", self.utilisation, 1e-6, 1.0)
-        V.check_positive("clock_step_hz", self.clock_step_hz)
+        V.check_positive("memory_bytes", min(self.memory_bytes, 1e300))
+
+    @classmethod
+    def from_datasheet(cls, board: str, cuda_cores: int, utilisation: float, f_min_hz: float, f_max_hz: float,
+                       clock_step_hz: float, board_power_w: float, static_power_w: float = 0.0,
+                       memory_bytes: float = float("inf")) -> "ServerSpec":
+        """From datasheet numbers: g_s = 2 x CUDA cores, the clock table f_min..f_max every ``clock_step_hz`` and
+        kappa = board power / f_max^3 (all board power dynamic at f_max, an upper bound; docs/model.md "Server
+        energy"). Raises InvalidParameterError for a value out of range."""
+        V.check_positive("cuda_cores", cuda_cores)
+        V.check_positive("board_power_w", board_power_w)
+        clocks = clock_table_hz(f_min_hz, f_max_hz, clock_step_hz)
+        return cls(board=board, flops_per_cycle=2.0 * cuda_cores, utilisation=utilisation, clocks_hz=clocks,
+                   kappa=board_power_w / float(clocks[-1]) ** 3, static_power_w=static_power_w,
+                   memory_bytes=memory_bytes)
 
     @property
-    def flops_per_cycle(self) -> float:
-        """g_s = 2 x CUDA cores (FLOP/cycle)."""
-        return 2.0 * self.cuda_cores
+    def f_min_hz(self) -> float:
+        """Lowest supported clock (Hz)."""
+        return self.clocks_hz[0]
 
     @property
-    def kappa(self) -> float:
-        """Effective switched capacitance (W/Hz^3): board power / f_max^3, so that kappa f_max^3 = board power."""
-        return self.board_power_w / self.f_max_hz ** 3
+    def f_max_hz(self) -> float:
+        """Highest supported clock (Hz)."""
+        return self.clocks_hz[-1]
+
+    @property
+    def clock_step_hz(self) -> float:
+        """Smallest spacing of the clock table (Hz); f_max for a single-clock table."""
+        return float(np.diff(self.clocks_hz).min()) if len(self.clocks_hz) > 1 else self.f_max_hz
+
+    @property
+    def board_power_w(self) -> float:
+        """Dynamic power at f_max, kappa f_max^3 (W)."""
+        return self.kappa * self.f_max_hz ** 3
 
     def supported_clocks_hz(self) -> np.ndarray:
-        """The discrete clock table f_min, f_min + step, ..., up to and including f_max (Hz), shape (K,)."""
-        n = int(np.floor((self.f_max_hz - self.f_min_hz) / self.clock_step_hz + 1e-9))
-        clocks = self.f_min_hz + self.clock_step_hz * np.arange(n + 1)
-        if clocks[-1] < self.f_max_hz:
-            clocks = np.append(clocks, self.f_max_hz)
-        return clocks
+        """The clock table (Hz), shape (K_f,)."""
+        return np.array(self.clocks_hz)
+
+
+def clock_table_hz(f_min_hz: float, f_max_hz: float, step_hz: float) -> np.ndarray:
+    """f_min, f_min + step, ..., up to and including f_max (Hz): NVML's supported-clock table from its range."""
+    V.check_positive("f_min_hz", f_min_hz)
+    V.check_positive("clock_step_hz", step_hz)
+    V.check_order("f_min_hz", f_min_hz, "f_max_hz", f_max_hz)
+    n = int(np.floor((f_max_hz - f_min_hz) / step_hz + 1e-9))
+    clocks = f_min_hz + step_hz * np.arange(n + 1)
+    if clocks[-1] < f_max_hz:
+        clocks = np.append(clocks, f_max_hz)
+    return clocks
 
 
 @dataclass(frozen=True)
@@ -203,45 +244,206 @@ def read_yaml(path) -> dict:
 
 
 def _v(entry):
-    return entry["value"] if isinstance(entry, dict) else entry
+    return entry["value"] if isinstance(entry, dict) and "value" in entry else entry
 
 
-def load_devices(path: Path | None = None) -> dict[str, DeviceSpec]:
-    """Device 1..5 from ``data/hardware.yaml`` (or ``path``), keyed by name, in file order."""
-    raw = read_yaml(path or DATA_DIR / "hardware.yaml")
-    eta = float(_v(raw["utilisation"]["device"]))
-    return {
-        name: DeviceSpec(name=name, board=str(_v(d["board"])), cuda_cores=int(_v(d["cuda_cores"])),
-                         gpu_max_clock_hz=float(_v(d["gpu_max_clock_hz"])), utilisation=eta,
-                         memory_bytes=float(_v(d["memory_bytes"])),
-                         memory_reserve_bytes=float(_v(d["memory_reserve_bytes"])))
-        for name, d in raw["devices"].items()
-    }
+SHIPPED_HARDWARE = DATA_DIR / "hardware.yaml"
+_DEVICE_KEYS = {"board", "cuda_cores", "gpu_max_clock_hz", "utilisation", "memory_bytes", "memory_reserve_bytes",
+                "flops_per_s"}
+_SERVER_KEYS = {"board", "cuda_cores", "flops_per_cycle", "gpu_min_clock_hz", "gpu_max_clock_hz", "gpu_clock_step_hz",
+                "clocks_hz", "board_power_w", "kappa", "measured_power_w", "measured_clock_hz", "static_power_w",
+                "memory_bytes", "utilisation"}
 
 
-def load_device(name: str, path: Path | None = None) -> DeviceSpec:
-    """One device by name ("Device 1".."Device 5") or board ("Jetson Nano 4GB").
+@dataclass(frozen=True)
+class Hardware:
+    """The devices and servers a scenario may use: the shipped profiles with a user's file merged over them.
+
+    Attributes:
+        devices: {profile key: DeviceSpec}, in file order ("Device 1".."Device 5", then the user's).
+        servers: {profile key: ServerSpec}; default_server: the key used when none is named.
+        source: the user file merged over ``data/hardware.yaml``, or None.
+    Source: docs/model.md "Your own hardware".
+    """
+
+    devices: dict
+    servers: dict
+    default_server: str
+    source: str | None = None
+
+    @staticmethod
+    def _find(kind: str, name, table: dict):
+        if isinstance(name, str):
+            if name in table:
+                return name
+            for key, spec in table.items():
+                if spec.board == name:
+                    return key
+        raise InvalidParameterError(f"{kind}={name!r} is invalid: must be one of {list(table)} "
+                                    f"or {[d.board for d in table.values()]}")
+
+    def device_key(self, name: str, parameter: str = "device") -> str:
+        """The profile key of a device given by key ("Device 5") or board ("Jetson Nano 4GB"); raises
+        InvalidParameterError naming ``parameter`` and listing both."""
+        return self._find(parameter, name, self.devices)
+
+    def device(self, name: str) -> DeviceSpec:
+        """A device by profile key or board name (InvalidParameterError if unknown)."""
+        return self.devices[self.device_key(name)]
+
+    def server(self, name: str | None = None, parameter: str = "server") -> ServerSpec:
+        """A server by profile key or board name; the default server for None (InvalidParameterError if unknown)."""
+        return self.servers[self._find(parameter, self.default_server if name is None else name, self.servers)]
+
+
+def _number(where: str, entry: dict, key: str, *, positive=True, allow_zero=False):
+    value = _v(entry[key])
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidParameterError(f"{where}.{key}={value!r} is invalid: must be a number")
+    if positive:
+        V.check_positive(f"{where}.{key}", value, allow_zero=allow_zero)
+    return float(value)
+
+
+def _check_keys(where: str, entry, allowed: set):
+    if not isinstance(entry, dict):
+        raise InvalidParameterError(f"{where}={entry!r} is invalid: must be a mapping of fields")
+    unknown = sorted(set(entry) - allowed)
+    if unknown:
+        raise InvalidParameterError(f"{where} has unknown fields {unknown}: must be among {sorted(allowed)}")
+
+
+def _require(where: str, entry: dict, *alternatives):
+    for keys in alternatives:
+        if all(k in entry for k in keys):
+            return keys
+    raise InvalidParameterError(f"{where} is incomplete: must give " + " or ".join("+".join(k) for k in alternatives))
+
+
+def _device(where: str, name: str, d: dict, eta: float) -> DeviceSpec:
+    _check_keys(where, d, _DEVICE_KEYS)
+    _require(where, d, ("memory_bytes",))
+    _require(where, d, ("flops_per_s",), ("cuda_cores", "gpu_max_clock_hz"))
+    has = lambda k: k in d  # noqa: E731
+    return DeviceSpec(
+        name=name, board=str(_v(d.get("board", name))),
+        cuda_cores=int(_number(where, d, "cuda_cores")) if has("cuda_cores") else 0,
+        gpu_max_clock_hz=_number(where, d, "gpu_max_clock_hz") if has("gpu_max_clock_hz") else 0.0,
+        utilisation=_number(where, d, "utilisation") if has("utilisation") else eta,
+        memory_bytes=_number(where, d, "memory_bytes"),
+        memory_reserve_bytes=_number(where, d, "memory_reserve_bytes", allow_zero=True) if has("memory_reserve_bytes")
+        else 0.0,
+        sustained_flops_per_s=_number(where, d, "flops_per_s") if has("flops_per_s") else None)
+
+
+def _server(where: str, s: dict, eta: float) -> ServerSpec:
+    _check_keys(where, s, _SERVER_KEYS)
+    if "clocks_hz" in s:
+        clocks = _v(s["clocks_hz"])
+        if not isinstance(clocks, list) or not clocks:
+            raise InvalidParameterError(f"{where}.clocks_hz={clocks!r} is invalid: must be a non-empty list of Hz")
+        clocks = np.array(sorted(float(f) for f in clocks))
+        V.check_positive(f"{where}.clocks_hz", clocks)
+    else:
+        _require(where, s, ("clocks_hz",), ("gpu_min_clock_hz", "gpu_max_clock_hz", "gpu_clock_step_hz"))
+        clocks = clock_table_hz(_number(where, s, "gpu_min_clock_hz"), _number(where, s, "gpu_max_clock_hz"),
+                                _number(where, s, "gpu_clock_step_hz"))
+    g = ("flops_per_cycle",) == _require(where, s, ("flops_per_cycle",), ("cuda_cores",))
+    power = _require(where, s, ("kappa",), ("board_power_w",), ("measured_power_w", "measured_clock_hz"))
+    if power == ("kappa",):
+        kappa = _number(where, s, "kappa")
+    elif power == ("board_power_w",):  # all board power is dynamic at f_max: an upper bound on kappa
+        kappa = _number(where, s, "board_power_w") / float(clocks[-1]) ** 3
+    else:
+        kappa = _number(where, s, "measured_power_w") / _number(where, s, "measured_clock_hz") ** 3
+    return ServerSpec(board=str(_v(s.get("board", where))),
+                      flops_per_cycle=_number(where, s, "flops_per_cycle") if g else 2.0 * _number(where, s, "cuda_cores"),
+                      utilisation=_number(where, s, "utilisation") if "utilisation" in s else eta, clocks_hz=clocks,
+                      kappa=kappa, static_power_w=_number(where, s, "static_power_w", allow_zero=True)
+                      if "static_power_w" in s else 0.0,
+                      memory_bytes=_number(where, s, "memory_bytes") if "memory_bytes" in s else float("inf"))
+
+
+def _merge(base: dict, user: dict, where: str) -> dict:
+    if not isinstance(user, dict):
+        raise InvalidParameterError(f"hardware={where!r} is invalid: must be a YAML mapping with devices/servers")
+    unknown = sorted(set(user) - {"utilisation", "devices", "servers", "default_server"})
+    if unknown:
+        raise InvalidParameterError(f"hardware={where!r} has unknown sections {unknown}: must be among "
+                                    "['default_server', 'devices', 'servers', 'utilisation']")
+    out = dict(base)
+    for section in ("utilisation", "devices", "servers"):
+        if section in user:
+            merged = {k: dict(v) if isinstance(v, dict) else v for k, v in base.get(section, {}).items()}
+            if not isinstance(user[section], dict):
+                raise InvalidParameterError(f"{where}: {section}={user[section]!r} is invalid: must be a mapping")
+            for key, entry in user[section].items():
+                if isinstance(entry, dict) and isinstance(merged.get(key), dict) and "value" not in entry:
+                    merged[key] = {**merged[key], **entry}  # a user entry overrides the fields it names
+                else:
+                    merged[key] = entry
+            out[section] = merged
+    if "default_server" in user:
+        out["default_server"] = user["default_server"]
+    return out
+
+
+def load_hardware(hardware=None) -> Hardware:
+    """The shipped profiles (``data/hardware.yaml``) with the user file ``hardware`` merged over them.
+
+    A user file has the shipped file's layout (``devices:``, ``servers:``, ``utilisation:``, ``default_server:``); an
+    entry with a shipped key overrides the fields it names, a new key adds a profile. A device is given by
+    ``flops_per_s`` (sustained) + ``memory_bytes``, or by datasheet numbers; a server by ``clocks_hz`` or a clock
+    range, ``flops_per_cycle`` or ``cuda_cores``, ``kappa`` or ``board_power_w`` or a measured power at a clock.
+    Args:
+        hardware: path of a YAML file, or None for the shipped profiles only.
+    Raises:
+        InvalidParameterError: missing file, unknown section or field, missing or out-of-range value (named).
+    """
+    files = [SHIPPED_HARDWARE]
+    if hardware is not None:
+        path = Path(hardware)
+        if not path.is_file():
+            raise InvalidParameterError(f"hardware={str(hardware)!r} is invalid: must be an existing YAML file")
+        files.append(path)
+    return _load_hardware(*((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files))
+
+
+@lru_cache(maxsize=16)
+def _load_hardware(shipped: tuple, user: tuple | None = None) -> Hardware:
+    raw, source = read_yaml(shipped[0]), None
+    if user is not None:
+        try:
+            parsed = read_yaml(user[0])
+        except yaml.YAMLError as err:
+            raise InvalidParameterError(f"hardware={user[0]!r} is invalid: not YAML ({err})") from None
+        raw, source = _merge(raw, parsed, user[0]), user[0]
+    eta = raw["utilisation"]
+    eta_d, eta_s = float(_v(eta["device"])), float(_v(eta["server"]))
+    devices = {str(n): _device(f"devices[{n!r}]", str(n), d, eta_d) for n, d in raw["devices"].items()}
+    servers = {str(n): _server(f"servers[{n!r}]", s, eta_s) for n, s in raw["servers"].items()}
+    hw = Hardware(devices, servers, str(raw["default_server"]), source)
+    hw.server()  # the default server exists
+    return hw
+
+
+def load_devices(hardware=None) -> dict[str, DeviceSpec]:
+    """Devices keyed by profile key, in file order (the shipped ones, with ``hardware`` merged over them)."""
+    return load_hardware(hardware).devices
+
+
+def load_device(name: str, hardware=None) -> DeviceSpec:
+    """One device by profile key ("Device 5") or board ("Jetson Nano 4GB").
 
     Raises:
-        ValueError: unknown name, listing the known ones.
+        InvalidParameterError: unknown name, listing the known keys and boards.
     """
-    devices = load_devices(path)
-    for d in devices.values():
-        if name in (d.name, d.board):
-            return d
-    raise InvalidParameterError(f"device={name!r} is invalid: must be one of {list(devices)} "
-                     f"or {[d.board for d in devices.values()]}")
+    return load_hardware(hardware).device(name)
 
 
-def load_server(path: Path | None = None) -> ServerSpec:
-    """The edge server from ``data/hardware.yaml`` (or ``path``)."""
-    raw = read_yaml(path or DATA_DIR / "hardware.yaml")
-    s = raw["server"]
-    return ServerSpec(board=str(_v(s["board"])), cuda_cores=int(_v(s["cuda_cores"])),
-                      utilisation=float(_v(raw["utilisation"]["server"])),
-                      f_min_hz=float(_v(s["gpu_min_clock_hz"])), f_max_hz=float(_v(s["gpu_max_clock_hz"])),
-                      clock_step_hz=float(_v(s["gpu_clock_step_hz"])), board_power_w=float(_v(s["board_power_w"])),
-                      static_power_w=float(_v(s["static_power_w"])))
+def load_server(name: str | None = None, hardware=None) -> ServerSpec:
+    """A server by profile key or board (the default server, the paper's RTX 4060 Ti, for None)."""
+    return load_hardware(hardware).server(name)
 
 
 def load_channel(path: Path | None = None) -> ChannelSpec:

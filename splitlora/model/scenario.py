@@ -12,7 +12,7 @@ import numpy as np
 
 from splitlora import _validate as V
 from splitlora.errors import InvalidParameterError
-from splitlora.model.hardware import CHANNEL_STATES, load_channel, load_devices, load_server
+from splitlora.model.hardware import CHANNEL_STATES, DeviceSpec, Hardware, load_channel, load_hardware
 from splitlora.model.profile import GRANULARITIES, load_model_config, profile_model
 from splitlora.model.system import SCHEDULES, CostModel, Workload, check_weight
 
@@ -29,8 +29,12 @@ class Scenario:
         steps_per_round: I mini-batches per device per round.
         w: weight of delay against server energy, in [0, 1].
         discrete_clocks: CARD picks the server clock from the supported-clock table (True) or [f_min, f_max].
-        devices: device names from data/hardware.yaml, served one after another each round.
+        devices: device profile keys ("Device 5") or boards ("Jetson Nano 4GB") of data/hardware.yaml (and of
+            ``hardware``), served one after another each round; stored as profile keys.
         compute_scale: multiplies every device's clock (sensitivity), > 0.
+        server: server profile key or board (None: the file's default_server, the paper's RTX 4060 Ti).
+        hardware: path of the user's hardware YAML merged over the shipped profiles (docs/model.md "Your own
+            hardware"), or None.
         schedule: "sequential" (the paper, as reconstructed) or "pipelined" (extension; docs/model.md).
     Raises:
         ValueError: any field out of range, naming it.
@@ -49,6 +53,8 @@ class Scenario:
     devices: tuple = DEVICE_NAMES
     compute_scale: float = 1.0
     schedule: str = "sequential"
+    server: str | None = None
+    hardware: str | None = None
 
     def __post_init__(self):
         V.check_choice("granularity", self.granularity, GRANULARITIES)
@@ -61,12 +67,15 @@ class Scenario:
         check_weight(self.w)
         V.check_positive("compute_scale", self.compute_scale)
         V.check_choice("schedule", self.schedule, SCHEDULES)
-        object.__setattr__(self, "devices", tuple(self.devices))
-        known = load_devices()
-        for d in self.devices:
-            V.check_choice("devices", d, list(known))
+        if isinstance(self.devices, str) or not all(isinstance(d, str) for d in self.devices):
+            raise InvalidParameterError(f"devices={self.devices!r} is invalid: must be a list of device names")
+        if self.hardware is not None:
+            object.__setattr__(self, "hardware", str(self.hardware))
+        hw = self.hardware_profiles()
+        object.__setattr__(self, "devices", tuple(hw.device_key(d, "devices") for d in self.devices))
         if not self.devices:
-            raise InvalidParameterError("devices=() is invalid: must name at least one of " + str(list(known)))
+            raise InvalidParameterError("devices=() is invalid: must name at least one of " + str(list(hw.devices)))
+        hw.server(self.server)
 
     @classmethod
     def from_parameters(cls, parameters: Mapping) -> "Scenario":
@@ -79,14 +88,24 @@ class Scenario:
         return _profile(self.model, self.granularity, self.batch_size, self.seq_len, self.lora_rank,
                         self.param_bytes, self.wire_bytes)
 
+    def hardware_profiles(self) -> Hardware:
+        """The shipped hardware profiles with ``hardware`` merged over them (cached per file version)."""
+        return load_hardware(self.hardware)
+
+    def device_specs(self) -> dict[str, DeviceSpec]:
+        """{profile key: DeviceSpec} of the scenario's devices, in order (before ``compute_scale``)."""
+        hw = self.hardware_profiles()
+        return {name: hw.device(name) for name in self.devices}
+
     def cost_model(self) -> CostModel:
-        """The :class:`CostModel` of this scenario on the RTX 4060 Ti server."""
-        return CostModel.from_profile(self.profile(), load_server(), Workload(self.steps_per_round, schedule=self.schedule))
+        """The :class:`CostModel` of this scenario on its server (default: the paper's RTX 4060 Ti)."""
+        return CostModel.from_profile(self.profile(), self.hardware_profiles().server(self.server),
+                                      Workload(self.steps_per_round, schedule=self.schedule))
 
     def device_arrays(self, names=None):
-        """(P_d FLOP/s, M_d byte) arrays of shape (M,) for the scenario's devices (or ``names``)."""
-        specs = load_devices()
-        ds = [specs[n].scaled(self.compute_scale) for n in (names or self.devices)]
+        """(P_d FLOP/s, M_d byte) arrays of shape (M,) for the scenario's devices (or ``names``: keys or boards)."""
+        hw = self.hardware_profiles()
+        ds = [hw.device(n).scaled(self.compute_scale) for n in (names or self.devices)]
         return np.array([d.flops_per_s for d in ds]), np.array([d.training_memory_bytes for d in ds])
 
     def parameters(self) -> dict:

@@ -115,7 +115,8 @@ def test_device_time_is_flops_over_compute_and_real_time_holds():
 
 # ------------------------------------------------------------------------------------------- server
 def test_server_energy_through_emulated_backend_is_kappa_cycles_f2():
-    s = _yaml("hardware.yaml")["server"]
+    hw = _yaml("hardware.yaml")
+    s = hw["servers"][hw["default_server"]]
     eta = float(_v(_yaml("hardware.yaml")["utilisation"]["server"]))
     f_max, power = float(_v(s["gpu_max_clock_hz"])), float(_v(s["board_power_w"]))
     kappa = power / f_max ** 3

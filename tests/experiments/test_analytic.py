@@ -30,7 +30,7 @@ def _device(name):
     return eta * 2 * _v(d["cuda_cores"]) * _v(d["gpu_max_clock_hz"]), _v(d["memory_bytes"]) - _v(d["memory_reserve_bytes"])
 
 
-SRV = HW["server"]
+SRV = HW["servers"][HW["default_server"]]
 KAPPA = _v(SRV["board_power_w"]) / _v(SRV["gpu_max_clock_hz"]) ** 3
 FMIN, FMAX, STEP = _v(SRV["gpu_min_clock_hz"]), _v(SRV["gpu_max_clock_hz"]), _v(SRV["gpu_clock_step_hz"])
 CLOCKS = list(np.arange(FMIN, FMAX + 1, STEP)) + ([FMAX] if (FMAX - FMIN) % STEP else [])
