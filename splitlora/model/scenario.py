@@ -61,6 +61,9 @@ class Scenario:
         check_weight(self.w)
         V.check_positive("compute_scale", self.compute_scale)
         V.check_choice("schedule", self.schedule, SCHEDULES)
+        if isinstance(self.devices, (str, bytes)):
+            raise InvalidParameterError(f"devices={self.devices!r} is invalid: must be a list of device names, e.g. "
+                                        f"[{self.devices!r}]")
         object.__setattr__(self, "devices", tuple(self.devices))
         known = load_devices()
         for d in self.devices:

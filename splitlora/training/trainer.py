@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from splitlora._validate import check_choice, check_int_range, check_positive
-from splitlora.atomic import atomic_save_folder, atomic_write
+from splitlora.atomic import atomic_save_folder, atomic_write, load_checkpoint_file
 from splitlora.errors import InvalidParameterError
 from splitlora.training.evaluation import SplitLM
 from splitlora.training.node import LoraNode, payload_bytes, roundtrip, trainable_names
@@ -349,8 +349,9 @@ class SplitTrainer:
         return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
-        """Resume from a checkpoint written by :meth:`save_checkpoint` (``torch.load(weights_only=True)``)."""
-        self.load_state_dict(torch.load(Path(path), weights_only=True))
+        """Resume from a checkpoint written by :meth:`save_checkpoint` (``torch.load(weights_only=True)``). Raises
+        :class:`~splitlora.errors.CorruptFileError` naming the path for a truncated or corrupt file."""
+        self.load_state_dict(load_checkpoint_file(path))
 
     # ------------------------------------------------------------------ export
     def export_adapter(self, directory: str | os.PathLike) -> Path:
