@@ -15,7 +15,10 @@ from splitlora.errors import InvalidParameterError
 
 
 def _show(value) -> str:
-    arr = np.asarray(value) if not isinstance(value, (str, bytes)) else None
+    try:
+        arr = np.asarray(value) if not isinstance(value, (str, bytes)) else None
+    except (ValueError, TypeError):  # ragged nesting
+        arr = None
     if arr is not None and arr.ndim > 0 and arr.size > 6:
         return f"<array of shape {arr.shape}>"
     if arr is not None and arr.ndim > 0 and arr.dtype.kind in "biuf":
@@ -34,8 +37,20 @@ def _first_bad(value, ok_mask):
     return arr[bad[0]].item() if arr.size > 6 and bad.size else None
 
 
+def check_number(name: str, value) -> None:
+    """Raise ValueError unless ``value`` is a real number or an array of them: not a string (``'0.5'``), a bool or
+    None."""
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError):  # ragged nesting
+        raise _fail(name, value, "a real number or an array of real numbers") from None
+    if arr.dtype.kind not in "iuf" and arr.size > 0:
+        raise _fail(name, value, "a real number or an array of real numbers")
+
+
 def check_finite(name: str, value) -> None:
-    """Raise ValueError if ``value`` (scalar or array) contains NaN or +-inf."""
+    """Raise ValueError if ``value`` (scalar or array) is not numeric (:func:`check_number`) or contains NaN or +-inf."""
+    check_number(name, value)
     arr = np.asarray(value, dtype=float)
     if not np.all(np.isfinite(arr)):
         raise _fail(name, value, "finite (no NaN or inf)", _first_bad(arr, np.isfinite(arr)))
@@ -51,7 +66,8 @@ def check_positive(name: str, value, *, allow_zero: bool = False) -> None:
 
 
 def check_range(name: str, value, lo: float, hi: float) -> None:
-    """Raise ValueError unless every element of ``value`` is finite and in the closed interval [lo, hi]."""
+    """Raise ValueError unless every element of ``value`` is numeric, finite and in the closed interval [lo, hi]."""
+    check_number(name, value)
     arr = np.asarray(value, dtype=float)
     ok = np.isfinite(arr) & (arr >= lo) & (arr <= hi)
     if not np.all(ok):

@@ -1,5 +1,6 @@
 """Writing files so that nothing already written is lost or half-overwritten: write a temporary file next to the
-target, then rename it over the target (``os.replace`` is atomic on one file system)."""
+target, then rename it over the target (``os.replace`` is atomic on one file system); reading a checkpoint back
+with an error that names the file when it is truncated or corrupt."""
 from __future__ import annotations
 
 import os
@@ -31,6 +32,29 @@ def atomic_write(path, write) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def load_checkpoint_file(path, map_location=None):
+    """``torch.load(path, weights_only=True)``; a file that cannot be read back as one raises
+    :class:`~splitlora.errors.CorruptFileError` (an OSError) naming the path, its size and what to do, instead of
+    torch's ``OSError: [Errno 22] Invalid argument`` or ``PytorchStreamReader failed``. FileNotFoundError passes."""
+    import pickle
+
+    import torch
+
+    from splitlora.errors import CorruptFileError
+
+    path = Path(path)
+    try:
+        return torch.load(path, weights_only=True, map_location=map_location)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as err:
+        size = path.stat().st_size if path.exists() else 0
+        raise CorruptFileError(f"checkpoint {str(path)!r} ({size} bytes) cannot be read: truncated or corrupt (a copy "
+                               f"cut short, a full disk, or not a splitlora checkpoint): {type(err).__name__}: "
+                               f"{' '.join(str(err).split())[:200]}. Move it away to start over, or put back a good "
+                               "copy") from err
 
 
 def atomic_save_folder(directory, save) -> Path:

@@ -1,9 +1,14 @@
-"""The ``splitlora`` command: ``train-distributed``, ``reproduce``, ``env`` (``splitlora <command> --help``)."""
+"""The ``splitlora`` command: ``train-distributed``, ``reproduce``, ``env`` (``splitlora <command> --help``).
+
+An invalid configuration or parameter exits with status 2 and one line on stderr naming the key, its value and what
+is allowed (before any process starts)."""
 from __future__ import annotations
 
 import argparse
 import platform
 import sys
+
+from splitlora.errors import InvalidParameterError
 
 
 def _env(args) -> int:
@@ -67,7 +72,12 @@ def main(argv=None) -> int:
     e = sub.add_parser("env", help="print versions and usable GPU backends")
     e.set_defaults(func=_env)
     args = p.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (InvalidParameterError, FileNotFoundError, IsADirectoryError) as err:
+        # a bad configuration or parameter: one line naming the key, its value and what is allowed (no traceback)
+        print(f"splitlora {args.command}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

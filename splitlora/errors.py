@@ -10,6 +10,11 @@ class SplitLoRAError(Exception):
     """Base of every error raised by splitlora."""
 
 
+class CorruptFileError(SplitLoRAError, OSError):
+    """A file splitlora wrote earlier (a checkpoint) cannot be read back: truncated or corrupt. The message names the
+    path and what to do (:func:`splitlora.atomic.load_checkpoint_file`)."""
+
+
 class InvalidParameterError(SplitLoRAError, ValueError):
     """A parameter is out of its allowed range or of the wrong kind. The message names the parameter, its value and
     what is allowed: ``"<name>=<value> is invalid: must be <allowed>"`` (:mod:`splitlora._validate`)."""

@@ -7,12 +7,13 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
-from splitlora._validate import check_choice, check_int_range, check_positive
+from splitlora._validate import check_choice
 from splitlora.errors import InvalidParameterError
 from splitlora.model.hardware import load_device
 from splitlora.model.scenario import Scenario
@@ -20,6 +21,51 @@ from splitlora.training.models import resolve_source, tiny_llama_config
 from splitlora.training.trainer import SplitTrainConfig
 
 SYNTHETIC_GSM8K = "gsm8k:synthetic"  # RunConfig.data: the offline GSM8K-format default of splitlora.training.data
+SHIPPED_GSM8K = "gsm8k"  # RunConfig.data: the shipped copy of GSM8K (splitlora.training.data.load_gsm8k)
+
+# Upper bounds of the run's sizes: far above any run this package is for, low enough that a typo (1e9) is refused
+# before a process starts rather than after hours or an out-of-memory kill.
+LIMITS = {"batch_size": 4096, "seq_len": 131072, "batches_per_device": 100_000, "rounds": 100_000,
+          "steps_per_round": 100_000, "devices": 1024, "timeout_s": 10**7, "rate_scale": 10**6}
+
+
+# ------------------------------------------------------------------------------- typed value checks
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_int(name: str, v, lo: int, hi: int) -> None:
+    """Raise InvalidParameterError unless ``v`` is an int (not a bool, float or string) in [lo, hi]."""
+    if not _is_int(v) or not lo <= v <= hi:
+        raise InvalidParameterError(f"{name}={v!r} is invalid: must be an integer in [{lo}, {hi}]")
+
+
+def check_number(name: str, v, lo: float, hi: float, *, open_lo: bool = False, open_hi: bool = False) -> None:
+    """Raise InvalidParameterError unless ``v`` is a finite int or float (not a bool or string) in the interval
+    from ``lo`` to ``hi`` (open at a side with ``open_lo`` / ``open_hi``)."""
+    ok = _is_number(v) and math.isfinite(v) and (lo < v if open_lo else lo <= v) and (v < hi if open_hi else v <= hi)
+    if not ok:
+        raise InvalidParameterError(f"{name}={v!r} is invalid: must be a number in {'(' if open_lo else '['}{lo}, "
+                                    f"{hi}{')' if open_hi else ']'}")
+
+
+def check_bool(name: str, v) -> None:
+    """Raise InvalidParameterError unless ``v`` is a bool: YAML ``true``/``false`` unquoted, never a string such
+    as ``'no'`` (which Python would take as true)."""
+    if not isinstance(v, bool):
+        raise InvalidParameterError(f"{name}={v!r} is invalid: must be a YAML boolean, true or false (unquoted)")
+
+
+def check_text(name: str, v, *, optional: bool = False) -> None:
+    """Raise InvalidParameterError unless ``v`` is a non-empty string (or None with ``optional``)."""
+    if v is None and optional:
+        return
+    if not isinstance(v, str) or not v.strip():
+        raise InvalidParameterError(f"{name}={v!r} is invalid: must be a non-empty string{' or null' if optional else ''}")
 
 
 @dataclass(frozen=True)
@@ -42,7 +88,9 @@ class LinkConfig:
 
     def __post_init__(self):
         check_choice("link.condition", self.condition, ("Good", "Normal", "Poor", "Markov"))
-        check_positive("link.rate_scale", self.rate_scale)
+        check_int("link.seed", self.seed, 0, 2**63 - 1)
+        check_bool("link.emulate", self.emulate)
+        check_number("link.rate_scale", self.rate_scale, 0, LIMITS["rate_scale"], open_lo=True)
         check_choice("link.rate_source", self.rate_source, ("model", "measured"))
 
 
@@ -79,12 +127,16 @@ class DistConfig:
     backend: str = "auto"
 
     def __post_init__(self):
-        check_int_range("dist.port", self.port, 1, 65535)
+        check_text("dist.addr", self.addr)
+        check_int("dist.port", self.port, 1, 65535)
         check_choice("dist.device", self.device, ("auto", "cpu", "cuda"))
         check_choice("dist.backend", self.backend, ("auto", "gloo", "nccl"))
         for k in ("timeout_s", "join_timeout_s", "startup_timeout_s", "idle_timeout_s"):
-            check_positive(f"dist.{k}", getattr(self, k))
-        check_int_range("dist.retries", self.retries, 0, 1000)
+            check_number(f"dist.{k}", getattr(self, k), 0, LIMITS["timeout_s"], open_lo=True)
+        check_int("dist.retries", self.retries, 0, 1000)
+        check_bool("dist.resume", self.resume)
+        check_text("dist.checkpoint_dir", self.checkpoint_dir, optional=True)
+        check_text("dist.output_dir", self.output_dir, optional=True)
 
 
 @dataclass(frozen=True)
@@ -126,20 +178,37 @@ class RunConfig:
 
     def __post_init__(self):
         for k in ("batch_size", "seq_len", "batches_per_device", "rounds", "steps_per_round"):
-            check_int_range(k, getattr(self, k), 1, 10**9)
+            check_int(k, getattr(self, k), 1, LIMITS[k])
+        check_int("data_seed", self.data_seed, 0, 2**63 - 1)
+        for k in ("model", "lora"):
+            if not isinstance(getattr(self, k), dict):
+                raise InvalidParameterError(f"{k}={getattr(self, k)!r} is invalid: must be a mapping")
+        if self.card_scenario is not None and not isinstance(self.card_scenario, dict):
+            raise InvalidParameterError(f"card_scenario={self.card_scenario!r} is invalid: must be a mapping or null")
+        for k, t in (("train", SplitTrainConfig), ("link", LinkConfig), ("dist", DistConfig)):
+            if not isinstance(getattr(self, k), t):
+                raise InvalidParameterError(f"{k}={getattr(self, k)!r} is invalid: must be a mapping of {t.__name__} fields")
         if self.data is not None and (not isinstance(self.data, str) or not self.data.strip()):
             raise InvalidParameterError(f"data={self.data!r} is invalid: must be None, {SYNTHETIC_GSM8K!r} or a GSM8K-format "
                              "JSONL path")
+        if not isinstance(self.devices, (list, tuple)) or not all(isinstance(d, str) for d in self.devices):
+            raise InvalidParameterError(f"devices={self.devices!r} is invalid: must be a list of device names of "
+                                        "data/hardware.yaml, one per device rank, e.g. ['Device 1']")
         object.__setattr__(self, "devices", tuple(self.devices))
-        if not self.devices:
-            raise InvalidParameterError("devices=() is invalid: must name at least one device")
+        if not 1 <= len(self.devices) <= LIMITS["devices"]:
+            raise InvalidParameterError(f"devices={list(self.devices)!r} is invalid: must name 1 to {LIMITS['devices']} devices")
+        check_number("w", self.w, 0.0, 1.0)
         if isinstance(self.cut, str):
             check_choice("cut", self.cut, ("card",))
         elif isinstance(self.cut, (list, tuple)):
-            if len(self.cut) != self.rounds or any(len(r) != len(self.devices) for r in self.cut):
+            if len(self.cut) != self.rounds or any(not isinstance(r, (list, tuple)) or len(r) != len(self.devices)
+                                                   for r in self.cut):
                 raise InvalidParameterError(f"cut={self.cut!r} is invalid: must be {self.rounds} rounds x {len(self.devices)} cuts")
+            for r in self.cut:
+                for c in r:
+                    check_int("cut", c, 0, 10**6)
         else:
-            check_int_range("cut", self.cut, 0, 10**6)
+            check_int("cut", self.cut, 0, 10**6)
 
     @property
     def num_devices(self) -> int:
@@ -200,9 +269,12 @@ def _check_keys(section: str, given) -> None:
 def config_from_dict(d: dict) -> RunConfig:
     """Build a :class:`RunConfig` from a plain dict (YAML/JSON).
 
-    Raises ValueError naming the field for an unknown key (top level, ``train``, ``link``, ``dist``) or a value
-    the dataclasses refuse. The rest (device names, ``model``, ``lora``, ``card_scenario``) is checked by
-    :func:`check_run_config`."""
+    Raises InvalidParameterError (a ValueError) naming the field, its value and what is allowed, for an unknown
+    key (top level, ``train``, ``link``, ``dist``), a value of the wrong type (a string for a number or a boolean,
+    a float for an integer) or out of range. What needs the model or the files (device names, ``model``,
+    ``lora``, ``card_scenario``, the cut range, ``data``) is checked by :func:`check_run_config`."""
+    if not isinstance(d, dict):
+        raise InvalidParameterError(f"configuration={d!r} is invalid: must be a mapping of RunConfig fields")
     d = dict(d)
     known = {f.name for f in fields(RunConfig)}
     unknown = set(d) - known
@@ -211,9 +283,12 @@ def config_from_dict(d: dict) -> RunConfig:
     if "train" in d:
         _check_keys("train", d["train"])
         t = dict(d["train"])
-        if "betas" in t:
+        if "betas" in t and isinstance(t["betas"], list):
             t["betas"] = tuple(t["betas"])
-        d["train"] = SplitTrainConfig(**t)
+        try:
+            d["train"] = SplitTrainConfig(**t)
+        except InvalidParameterError as err:  # SplitTrainConfig names its own fields: say which section
+            raise InvalidParameterError(f"train.{err}") from None
     if "link" in d:
         _check_keys("link", d["link"])
         d["link"] = LinkConfig(**d["link"])
@@ -223,28 +298,132 @@ def config_from_dict(d: dict) -> RunConfig:
     return RunConfig(**d)
 
 
+def model_units(cfg: RunConfig) -> tuple[int, int] | None:
+    """``(L, max_position_embeddings)`` of the configuration's model without loading weights: L the number of cut
+    points (blocks, or 2 x blocks for ``train.granularity: sublayer``). From ``tiny_llama_config`` for the offline
+    model, ``data/models/<name>.json`` for a named model, ``config.json`` of a local folder; None when unknown (a
+    Hub id, a GGUF file)."""
+    from splitlora.paths import DATA_DIR
+    from splitlora.training.models import NAMED_MODELS
+
+    name = cfg.model.get("name_or_path")
+    if name is None:
+        mc = tiny_llama_config(**{k: v for k, v in cfg.model.items() if k != "seed"})
+        blocks, max_pos = mc.num_hidden_layers, mc.max_position_embeddings
+    else:
+        path = (DATA_DIR / "models" / f"{NAMED_MODELS[name.lower()]['config']}.json" if name.lower() in NAMED_MODELS
+                else Path(name).expanduser() / "config.json")
+        try:
+            raw = json.loads(path.read_text())
+            blocks, max_pos = int(raw["num_hidden_layers"]), int(raw.get("max_position_embeddings") or 0)
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    return (blocks if cfg.train.granularity == "block" else 2 * blocks), max_pos
+
+
+def _check_model_section(model: dict) -> None:
+    _check_keys("model", model)
+    if "seed" in model:
+        check_int("model.seed", model["seed"], 0, 2**63 - 1)
+    if "name_or_path" not in model:
+        for k, v in model.items():
+            if k in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+                     "max_position_embeddings") and not (k == "intermediate_size" and v is None):
+                check_int(f"model.{k}", v, 1, 10**7)
+            elif k == "tie_word_embeddings":
+                check_bool(f"model.{k}", v)
+        tiny_llama_config(**{k: v for k, v in model.items() if k != "seed"})
+        return
+    check_text("model.name_or_path", model["name_or_path"])
+    extra = sorted(set(model) - {"name_or_path", "seed"})
+    if extra:
+        raise InvalidParameterError(f"model.{extra[0]}={model[extra[0]]!r} is invalid with model.name_or_path: must be "
+                                    "absent (only seed goes with a named or local model)")
+    try:
+        resolve_source(model["name_or_path"])  # a named model's package installed, a local path present
+    except OSError as err:
+        raise InvalidParameterError(f"model.{err}") from None
+
+
+def _check_lora_section(lora: dict) -> None:
+    _check_keys("lora", lora)
+    if "r" in lora:
+        check_int("lora.r", lora["r"], 1, 4096)
+    if "lora_alpha" in lora:
+        check_number("lora.lora_alpha", lora["lora_alpha"], 0, 1e6, open_lo=True)
+    if "lora_dropout" in lora:
+        check_number("lora.lora_dropout", lora["lora_dropout"], 0.0, 1.0, open_hi=True)
+    tm = lora.get("target_modules")
+    if tm is not None and not (isinstance(tm, str) and tm.strip()) and not (
+            isinstance(tm, list) and tm and all(isinstance(x, str) and x.strip() for x in tm)):
+        raise InvalidParameterError(f"lora.target_modules={tm!r} is invalid: must be a module name or a non-empty list "
+                                    "of module names, e.g. [q_proj, v_proj]")
+    for k in ("use_rslora", "use_dora", "fan_in_fan_out", "inference_mode", "lora_bias"):
+        if k in lora:
+            check_bool(f"lora.{k}", lora[k])
+    from peft import LoraConfig
+
+    from splitlora.training.trainer import _check_lora_config
+
+    try:
+        lc = LoraConfig(**lora)
+    except (TypeError, ValueError) as err:
+        raise InvalidParameterError(f"lora={lora!r} is invalid: peft.LoraConfig refuses it: {err}") from None
+    _check_lora_config(lc)
+
+
+def _check_data(data: str | None) -> None:
+    if data is None or data in (SYNTHETIC_GSM8K, SHIPPED_GSM8K):
+        return
+    p = Path(data).expanduser()
+    if not (p.is_file() or (p / "train.jsonl").is_file()):
+        raise InvalidParameterError(f"data={data!r} is invalid: must be {SYNTHETIC_GSM8K!r}, {SHIPPED_GSM8K!r}, an "
+                                    "existing GSM8K-format .jsonl file or a folder holding train.jsonl (no such file)")
+
+
 def check_run_config(cfg: RunConfig) -> None:
     """Check, without loading model weights, what the roles would otherwise find only after they start: every
-    device name in data/hardware.yaml, the ``model`` keyword arguments of the offline tiny Llama, the ``lora``
-    fields of ``peft.LoraConfig`` and the ``card_scenario`` fields and values. Raises ValueError naming the field.
-    """
+    device name in data/hardware.yaml, the ``model`` keyword arguments of the offline tiny Llama (or a named or
+    local model that exists), the ``lora`` fields and ranges (and peft options split training can export), the
+    ``card_scenario`` fields and values, the ``data`` file, and the cut layers and ``seq_len`` against the model
+    (cut in [0, L], seq_len <= max_position_embeddings). Raises InvalidParameterError naming the field."""
     for name in cfg.devices:
         load_device(name)
-    _check_keys("model", cfg.model)
-    if "name_or_path" not in cfg.model:
-        tiny_llama_config(**{k: v for k, v in cfg.model.items() if k != "seed"})
-    else:
-        resolve_source(cfg.model["name_or_path"])  # a named model's package installed, a local path present
-    _check_keys("lora", cfg.lora)
+    _check_model_section(cfg.model)
+    _check_lora_section(cfg.lora)
     if cfg.card_scenario is not None:
         _check_keys("card_scenario", cfg.card_scenario)
-        Scenario(**cfg.card_scenario)
+        try:
+            Scenario(**cfg.card_scenario)
+        except InvalidParameterError as err:
+            raise InvalidParameterError(f"card_scenario.{err}") from None
+    _check_data(cfg.data)
+    units = model_units(cfg)
+    if units is not None:
+        L, max_pos = units
+        cuts = [cfg.cut] if isinstance(cfg.cut, int) else [c for r in cfg.cut for c in r] if not isinstance(cfg.cut, str) else []
+        for c in cuts:
+            if not 0 <= c <= L:
+                raise InvalidParameterError(f"cut={cfg.cut!r} is invalid: must be cut layers in [0, {L}] (L = {L} "
+                                            f"{cfg.train.granularity} units of this model) (offending value {c})")
+        if max_pos and cfg.seq_len > max_pos:
+            raise InvalidParameterError(f"seq_len={cfg.seq_len!r} is invalid: must be <= {max_pos} "
+                                        "(the model's max_position_embeddings)")
 
 
 def load_config(path, check: bool = False) -> RunConfig:
     """Read a run configuration from a YAML or JSON file; ``check``: also :func:`check_run_config`.
-    Raises ValueError for an invalid configuration (naming the field), OSError for an unreadable file."""
-    cfg = config_from_dict(yaml.safe_load(Path(path).read_text()) or {})
+    Raises InvalidParameterError for an invalid configuration (naming the field) or an empty file or one that is
+    not a mapping; OSError for an unreadable file."""
+    text = Path(path).read_text()
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise InvalidParameterError(f"config={str(path)!r} is invalid: not YAML/JSON ({err})".replace("\n", " ")) from None
+    if raw is None:
+        raise InvalidParameterError(f"config={str(path)!r} is invalid: the file is empty; must hold RunConfig fields "
+                                    "(see data/runs/distributed.yaml)")
+    cfg = config_from_dict(raw)
     if check:
         check_run_config(cfg)
     return cfg

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from splitlora import _validate as V
+from splitlora.errors import InvalidParameterError
 from splitlora.model.baselines import run_policies
 from splitlora.model.card import best_clock_hz, card, exhaustive_search
 from splitlora.model.hardware import CHANNEL_STATES, load_channel, load_devices
@@ -66,6 +67,16 @@ def t5_memory_table(batch_sizes=(1, 2, 4, 8, 16), seq_len: int = 512) -> pd.Data
     return pd.DataFrame(rows)
 
 
+def check_weights(weights) -> list[float]:
+    """``weights`` as a list of floats: a non-empty sequence of delay weights w, each a number in [0, 1]. Raises
+    InvalidParameterError before any computation (an empty list would otherwise fail inside the plot)."""
+    if isinstance(weights, (str, bytes)) or np.ndim(weights) != 1 or len(weights) == 0:
+        raise InvalidParameterError(f"weights={weights!r} is invalid: must be a non-empty list of numbers in [0, 1]")
+    for w in weights:
+        V.check_range("weights", w, 0.0, 1.0)
+    return [float(w) for w in weights]
+
+
 # --- Figure 2: optimal cut and clock per device -----------------------------------------------------------
 def optimal_decisions(scenario: Scenario | None = None, channel_state: str = "Normal",
                       weights=(0.1, 0.2, 0.3, 0.5)) -> pd.DataFrame:
@@ -76,6 +87,7 @@ def optimal_decisions(scenario: Scenario | None = None, channel_state: str = "No
     """
     scenario = Scenario() if scenario is None else scenario
     V.check_choice("channel_state", channel_state, CHANNEL_STATES)
+    weights = check_weights(weights)
     model = scenario.cost_model()
     P, M = scenario.device_arrays()
     R = np.full(len(P), load_channel().rate_bps(channel_state))
@@ -245,6 +257,7 @@ def weight_sensitivity(scenario: Scenario | None = None, weights=tuple(np.round(
     Columns: w, delay_reduction, energy_reduction, mean_cut_layer.
     """
     scenario = Scenario() if scenario is None else scenario
+    weights = check_weights(weights)
     rows = []
     for w in weights:
         sc = replace(scenario, w=float(w))

@@ -104,85 +104,156 @@ class EnergyWindow:
 
 
 # ------------------------------------------------------------------------ restore-on-exit machinery
-class _RestoreGuard:
-    """Process-wide registry of backends holding a clock lock, plus the SIGTERM and atexit handlers.
+#: signals whose default action ends the process: while a clock is locked each restores the clocks first, then
+#: chains to the handler that was there before (SIGHUP: an ssh session dropping during a clock sweep). SIGKILL
+#: cannot be handled: after ``kill -9`` unlock by hand (docs/model.md, "GPU clock and energy backends").
+RESTORE_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
+                        if hasattr(signal, n))
 
-    Handlers are installed when the first lock is taken and removed when the last one is released.
-    The SIGTERM handler restores every held lock, then chains to the handler that was there before:
-    a callable is called, ``SIG_IGN`` is honoured, ``SIG_DFL`` re-delivers SIGTERM so the process
-    still dies of it (exit status -15). Signal handlers can only be set from the main thread; a lock
-    taken from another thread is still restored on exit, exception and atexit, and a warning says so.
+
+class _ClockOwner:
+    """The one restore owner of a GPU: the state found before the first lock (``original``, backend-specific:
+    None = unlocked) and the locks held on it, oldest first (``stack`` of (backend, MHz)). The GPU runs at the
+    newest lock; releasing it puts back the one below, or ``original`` when none is left."""
+
+    def __init__(self, original) -> None:
+        self.original = original
+        self.stack: list[tuple[GPUClockBackend, float]] = []
+
+
+class _RestoreGuard:
+    """Process-wide registry of the clock locks held, one :class:`_ClockOwner` per GPU, plus the signal and atexit
+    handlers.
+
+    Handlers are installed when the first lock is taken and removed when the last one is released. A handler
+    (:data:`RESTORE_SIGNALS`) restores every held lock, then chains to the handler that was there before: a
+    callable is called, ``SIG_IGN`` is honoured, ``SIG_DFL`` re-delivers the signal so the process still dies of it
+    (exit status -15 for SIGTERM). A signal whose handler was set from C (``getsignal`` returns None) is left alone.
+    Signal handlers can only be set from the main thread; a lock taken from another thread is still restored on
+    exit, exception and atexit, and a warning says so.
     """
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
-        self._active: list[GPUClockBackend] = []
-        self._prev_sigterm = None
-        self._sigterm_installed = False
+        self._owners: dict[object, _ClockOwner] = {}
+        self._prev: dict[int, object] = {}
         self._atexit_installed = False
 
-    def add(self, backend: "GPUClockBackend") -> None:
+    # ---- locks ---------------------------------------------------------------------------------
+    def acquire(self, backend: "GPUClockBackend", clock_mhz: float) -> None:
+        """Register ``backend``'s lock at ``clock_mhz`` on its GPU's owner (saving the GPU's state first if it is
+        the first lock there), then write it. Registered BEFORE the write, so an interrupt right after a successful
+        write is still restored; a write the driver refused (GPUBackendError) is unregistered here."""
         with self._lock:
-            if backend not in self._active:
-                self._active.append(backend)
-            if not self._atexit_installed:
-                atexit.register(self._on_atexit)
-                self._atexit_installed = True
-            if not self._sigterm_installed:
-                if threading.current_thread() is threading.main_thread():
-                    self._prev_sigterm = signal.getsignal(signal.SIGTERM)
-                    signal.signal(signal.SIGTERM, self._on_sigterm)
-                    self._sigterm_installed = True
-                else:
-                    logger.warning("clock locked outside the main thread: no SIGTERM handler installed "
-                                   "(clocks are still restored on exit, exception and interpreter exit)")
+            self._install()
+            key = backend._clock_owner_key()
+            owner = self._owners.get(key)
+            if owner is None:
+                owner = _ClockOwner(backend._save_clock_state())
+                self._owners[key] = owner
+            owner.stack.append((backend, clock_mhz))
+            try:
+                backend._lock_clock_mhz(clock_mhz)
+            except GPUBackendError:  # refused by the driver: nothing changed (the primitive's contract)
+                owner.stack.pop()
+                if not owner.stack:
+                    del self._owners[key]
+                self._maybe_uninstall()
+                raise
+            # any other exception (KeyboardInterrupt after the write succeeded) leaves the lock registered: the
+            # caller's release puts back what was there before
 
-    def remove(self, backend: "GPUClockBackend") -> None:
+    def release(self, backend: "GPUClockBackend", reason: str) -> None:
+        """Drop ``backend``'s lock: if it is the one in force, put back the lock below it (another object's on the
+        same GPU) or the state found before the first lock. Raises GPUBackendError (with the manual command) if
+        the write fails."""
         with self._lock:
-            if backend in self._active:
-                self._active.remove(backend)
-            if self._active:
+            for key, owner in list(self._owners.items()):
+                idx = next((i for i, (b, _) in enumerate(owner.stack) if b is backend), None)
+                if idx is not None:
+                    break
+            else:
+                self._maybe_uninstall()
                 return
-            if self._atexit_installed:
-                atexit.unregister(self._on_atexit)
-                self._atexit_installed = False
-            self._uninstall_sigterm()
+            in_force = idx == len(owner.stack) - 1
+            owner.stack.pop(idx)
+            if not owner.stack:
+                del self._owners[key]
+            try:
+                if in_force:
+                    logger.debug("%s: restoring clocks (%s)", backend.name, reason)
+                    if owner.stack:
+                        backend._lock_clock_mhz(owner.stack[-1][1])
+                    else:
+                        backend._restore_clock_state(owner.original)
+            except Exception as exc:
+                raise GPUBackendError(f"{backend.name}: FAILED to restore the GPU clocks ({reason}): {exc}. "
+                                      f"{backend._manual_restore_hint(owner.original)}") from exc
+            finally:
+                self._maybe_uninstall()
 
-    def _uninstall_sigterm(self) -> None:
-        if not self._sigterm_installed:
-            return
-        if threading.current_thread() is not threading.main_thread():
-            return  # retried by the next remove() from the main thread
-        # Put the previous handler back only if ours is still the one installed.
-        if signal.getsignal(signal.SIGTERM) == self._on_sigterm:
-            signal.signal(signal.SIGTERM, self._prev_sigterm if self._prev_sigterm is not None
-                          else signal.SIG_DFL)
-        self._sigterm_installed = False
+    def held(self) -> list["GPUClockBackend"]:
+        with self._lock:
+            return [b for o in self._owners.values() for b, _ in reversed(o.stack)]
 
     def restore_all(self, reason: str) -> None:
-        with self._lock:
-            backends = list(self._active)
-        for backend in backends:
+        """Release every held lock, newest first (so each GPU ends in the state found before its first lock)."""
+        for backend in self.held():
             try:
                 backend._release_lock(reason=reason)
             except Exception:  # keep restoring the others; the failure is logged
                 logger.exception("failed to restore clocks of %r on %s", backend, reason)
 
+    # ---- handlers ------------------------------------------------------------------------------
+    def _install(self) -> None:
+        if not self._atexit_installed:
+            atexit.register(self._on_atexit)
+            self._atexit_installed = True
+        if self._prev:
+            return
+        if threading.current_thread() is not threading.main_thread():
+            logger.warning("clock locked outside the main thread: no signal handlers installed "
+                           "(clocks are still restored on exit, exception and interpreter exit)")
+            return
+        for sig in RESTORE_SIGNALS:
+            prev = signal.getsignal(sig)
+            if prev is None:  # set from C: cannot be chained, so leave it
+                continue
+            signal.signal(sig, self._on_signal)
+            self._prev[sig] = prev
+
+    def _maybe_uninstall(self) -> None:
+        if self._owners:
+            return
+        if self._atexit_installed:
+            atexit.unregister(self._on_atexit)
+            self._atexit_installed = False
+        self._uninstall_signals()
+
+    def _uninstall_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # retried by the next release from the main thread
+        for sig, prev in list(self._prev.items()):
+            # Put the previous handler back only if ours is still the one installed.
+            if signal.getsignal(sig) == self._on_signal:
+                signal.signal(sig, prev)
+            del self._prev[sig]
+
     def _on_atexit(self) -> None:
         self.restore_all("interpreter exit")
 
-    def _on_sigterm(self, signum, frame) -> None:
-        prev = self._prev_sigterm
-        self.restore_all("SIGTERM")
+    def _on_signal(self, signum, frame) -> None:
+        prev = self._prev.get(signum, signal.SIG_DFL)
+        self.restore_all(signal.Signals(signum).name)
         with self._lock:
-            self._uninstall_sigterm()
+            self._uninstall_signals()
         if callable(prev):
             prev(signum, frame)
         elif prev == signal.SIG_IGN:
             return
-        else:  # SIG_DFL (or unknown, set from C): die of SIGTERM as the process would have
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
+        else:  # SIG_DFL: die of the signal as the process would have
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
 
 
 _GUARD = _RestoreGuard()
@@ -238,7 +309,20 @@ class GPUClockBackend(abc.ABC):
 
     @abc.abstractmethod
     def _restore_clocks(self) -> None:
-        """Undo ``_lock_clock_mhz`` (reset to the driver default, or to the saved limits)."""
+        """Put the clocks back to unlocked (the driver default)."""
+
+    def _save_clock_state(self):
+        """The GPU's clock setting before this package's first lock on it, for :meth:`_restore_clock_state`
+        (None = unlocked). Raises GPUBackendError when a setting exists that could not be put back."""
+        return None
+
+    def _restore_clock_state(self, state) -> None:
+        """Put back a state from :meth:`_save_clock_state` (None: :meth:`_restore_clocks`)."""
+        self._restore_clocks()
+
+    def _clock_owner_key(self) -> object:
+        """Identifies the GPU: backends with equal keys share one restore owner (this object alone by default)."""
+        return ("object", id(self))
 
     @abc.abstractmethod
     def _read_counters(self) -> tuple[float, float]:
@@ -283,9 +367,11 @@ class GPUClockBackend(abc.ABC):
     def locked_clock(self, freq_hz: float) -> Iterator[ClockLock]:
         """Lock the GPU clock to the supported clock nearest ``freq_hz`` for the duration of the block.
 
-        The clock is read back after locking (a mismatch is logged as a warning) and ALWAYS restored:
-        on normal exit, on an exception, on SIGTERM (then the previous SIGTERM handler is chained) and
-        at interpreter exit. Nested locks on the same backend are refused.
+        The clock is read back after locking (a mismatch is logged as a warning) and ALWAYS restored to what was
+        there before (the lock of another backend object on the same GPU, else the state found before the first
+        lock): on normal exit, on an exception (also one arriving right after the write succeeded), on SIGTERM,
+        SIGHUP, SIGQUIT, SIGUSR1/2 (then the previous handler is chained) and at interpreter exit. SIGKILL cannot be
+        handled (docs/model.md gives the command to unlock by hand). Nested locks on the same backend are refused.
 
         Args:
             freq_hz: requested clock in Hz.
@@ -303,17 +389,14 @@ class GPUClockBackend(abc.ABC):
         if not self.clock_control_allowed:
             raise ClockControlNotAllowedError(self._opt_in_message())
         target_mhz = self.nearest_supported_clock_mhz(freq_hz)
-        with self._state_lock:
-            if self._locked:
-                raise GPUBackendError(f"{self.name}: the clock is already locked; nested locked_clock is not supported")
-            _GUARD.add(self)
-            try:
-                self._lock_clock_mhz(target_mhz)
-            except BaseException:
-                _GUARD.remove(self)
-                raise
-            self._locked = True
+        mine = False
         try:
+            with self._state_lock:
+                if self._locked:
+                    raise GPUBackendError(f"{self.name}: the clock is already locked; nested locked_clock is not "
+                                          "supported")
+                self._locked = mine = True  # from here every exit restores, even right after a successful write
+            _GUARD.acquire(self, target_mhz)
             readback_mhz = float(self.current_clock_mhz())
             if abs(readback_mhz - target_mhz) > 0.01 * target_mhz:
                 logger.warning("%s: locked the clock to %.1f MHz but read back %.1f MHz",
@@ -321,24 +404,19 @@ class GPUClockBackend(abc.ABC):
             yield ClockLock(requested_hz=float(freq_hz), target_mhz=float(target_mhz),
                             readback_mhz=readback_mhz)
         finally:
-            self._release_lock(reason="end of locked_clock")
+            if mine:
+                self._release_lock(reason="end of locked_clock")
 
     def _release_lock(self, *, reason: str) -> None:
-        """Restore the clocks if this backend holds a lock (idempotent); unregister the guard."""
+        """Give this backend's lock back to its GPU's restore owner (idempotent): the clock returns to the lock
+        below it on the same GPU, or to the state found before the first lock."""
         with self._state_lock:
             if not self._locked:
                 return
             self._locked = False
-            try:
-                logger.debug("%s: restoring clocks (%s)", self.name, reason)
-                self._restore_clocks()
-            except Exception as exc:
-                raise GPUBackendError(f"{self.name}: FAILED to restore the GPU clocks ({reason}): {exc}. "
-                                      f"{self._manual_restore_hint()}") from exc
-            finally:
-                _GUARD.remove(self)
+            _GUARD.release(self, reason)
 
-    def _manual_restore_hint(self) -> str:
+    def _manual_restore_hint(self, state=None) -> str:
         return "Restore them by hand."
 
     # ---- energy windows ---------------------------------------------------------------------

@@ -188,7 +188,6 @@ class JetsonBackend(GPUClockBackend):
         self.power_rail_labels = tuple(power_rails)
         self._rails = find_power_rails(sysfs_root, self.power_rail_labels)
         self._sampler = _RailSampler(self._rails, sample_interval_s) if self._rails else None
-        self._saved: tuple[int, int] | None = None
 
     # ---- sysfs I/O -----------------------------------------------------------------------------
     def _read_hz(self, attr: str) -> int:
@@ -236,24 +235,37 @@ class JetsonBackend(GPUClockBackend):
             if not os.access(self.node / attr, os.W_OK):
                 raise ClockPermissionError(f"jetson: {self.node / attr} is not writable; changing the GPU "
                                            f"clock needs root and a writable sysfs")
-        saved = (self._read_hz("min_freq"), self._read_hz("max_freq"))
+        saved = self._save_clock_state()
         try:
             self._set_limits_hz(hz, hz)
         except BaseException:
             try:  # undo a half-done change before reporting
                 self._set_limits_hz(*saved)
             except Exception:
-                logger.exception("jetson: could not undo a partial clock change; restore %s by hand", saved)
+                logger.exception("jetson: could not undo a partial clock change; %s", self._manual_restore_hint(saved))
             raise
-        self._saved = saved
+
+    def _save_clock_state(self) -> tuple[int, int]:
+        """(min_freq, max_freq) in Hz: the limits in force (an administrator's lock included)."""
+        return self._read_hz("min_freq"), self._read_hz("max_freq")
+
+    def _restore_clock_state(self, state) -> None:
+        self._set_limits_hz(*state) if state is not None else self._restore_clocks()
 
     def _restore_clocks(self) -> None:
-        if self._saved is not None:
-            saved, self._saved = self._saved, None
-            self._set_limits_hz(*saved)
+        clocks = self._clocks_hz()
+        self._set_limits_hz(clocks[0], clocks[-1])
 
-    def _manual_restore_hint(self) -> str:
-        return f"Restore {self.node}/min_freq and max_freq by hand (saved values: {self._saved})."
+    def _clock_owner_key(self) -> object:
+        return ("jetson", os.path.realpath(self.node))
+
+    def _manual_restore_hint(self, state=None) -> str:
+        if state is None:
+            return f"Restore {self.node}/min_freq and max_freq by hand."
+        lo, hi = state
+        return (f"Restore them by hand (saved values: min_freq={lo} Hz, max_freq={hi} Hz), as root: "
+                f"echo {hi} > {self.node}/max_freq; echo {lo} > {self.node}/min_freq "
+                "(if the first write fails, write min_freq first)")
 
     # ---- energy ------------------------------------------------------------------------------
     @property

@@ -14,6 +14,10 @@ from splitlora.errors import InvalidParameterError
 from .common import ClockPermissionError, GPUBackendError, GPUClockBackend, GPUNotAvailableError, NotSupportedError
 
 
+#: NVML clocks event (throttle) reason bit: clocks limited by an applications-clocks or locked-clocks setting
+_APPLICATIONS_CLOCKS_SETTING = 0x2
+
+
 def _import_pynvml() -> ModuleType:
     try:
         import pynvml  # nvidia-ml-py
@@ -30,6 +34,10 @@ class NVMLBackend(GPUClockBackend):
         allow_clock_control: allow ``locked_clock`` to call ``nvmlDeviceSetGpuLockedClocks``
             (or set ``SPLITLORA_ALLOW_CLOCK_CONTROL=1``). Off by default: read-only.
         pynvml_module: the pynvml module to use (tests pass a fake); default: ``import pynvml``.
+        previous_lock_mhz: ``(min, max)`` MHz of a lock someone set before (``nvidia-smi -lgc min,max``), put back
+            at the end instead of unlocking. NVML cannot read a lock back: without it, a GPU whose clocks NVML
+            reports limited by a setting (clocks event reason "applications clocks setting") is refused, so that
+            the restore never wipes a lock it cannot put back.
 
     Raises:
         GPUNotAvailableError: NVML library or driver missing, or no GPU at ``gpu_index``.
@@ -41,10 +49,18 @@ class NVMLBackend(GPUClockBackend):
     name = "nvml"
 
     def __init__(self, gpu_index: int = 0, *, allow_clock_control: bool = False,
-                 pynvml_module: ModuleType | None = None):
+                 pynvml_module: ModuleType | None = None, previous_lock_mhz: tuple[int, int] | None = None):
         super().__init__(allow_clock_control=allow_clock_control)
         if isinstance(gpu_index, bool) or not isinstance(gpu_index, int) or gpu_index < 0:
             raise InvalidParameterError(f"gpu_index={gpu_index!r} is invalid: must be an integer >= 0")
+        if previous_lock_mhz is not None:
+            lo_hi = tuple(previous_lock_mhz)
+            if len(lo_hi) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in lo_hi) \
+                    or lo_hi[0] > lo_hi[1]:
+                raise InvalidParameterError(f"previous_lock_mhz={previous_lock_mhz!r} is invalid: must be (min, max) "
+                                            "integer MHz with 0 < min <= max")
+            previous_lock_mhz = lo_hi
+        self.previous_lock_mhz = previous_lock_mhz
         self._nvml = pynvml_module if pynvml_module is not None else _import_pynvml()
         self.gpu_index = gpu_index
         self._initialised = False
@@ -109,8 +125,38 @@ class NVMLBackend(GPUClockBackend):
     def _restore_clocks(self) -> None:
         self._call("nvmlDeviceResetGpuLockedClocks", self._handle)
 
-    def _manual_restore_hint(self) -> str:
-        return f"Reset them by hand: nvidia-smi -i {self.gpu_index} --reset-gpu-clocks"
+    def _clock_owner_key(self) -> object:
+        return ("nvml", id(self._nvml), self.gpu_index)
+
+    def _save_clock_state(self):
+        """``previous_lock_mhz`` or None (unlocked); refuses a GPU NVML reports as limited by a clock setting."""
+        if self.previous_lock_mhz is not None:
+            return self.previous_lock_mhz
+        nv = self._nvml
+        getter = next((g for g in ("nvmlDeviceGetCurrentClocksEventReasons", "nvmlDeviceGetCurrentClocksThrottleReasons")
+                       if hasattr(nv, g)), None)
+        try:
+            reasons = int(self._call(getter, self._handle)) if getter else 0
+        except NotSupportedError:
+            reasons = 0
+        if reasons & _APPLICATIONS_CLOCKS_SETTING:
+            raise GPUBackendError(f"nvml: GPU {self.gpu_index}'s clocks are already limited by a clock setting (NVML "
+                                  "clocks event reason 'applications clocks setting', e.g. an administrator's "
+                                  "nvidia-smi -lgc). NVML cannot read that lock back, so the restore would wipe it: "
+                                  "pass previous_lock_mhz=(min, max) to have it put back, or unlock first with "
+                                  f"nvidia-smi -i {self.gpu_index} -rgc")
+        return None
+
+    def _restore_clock_state(self, state) -> None:
+        if state is None:
+            self._restore_clocks()
+        else:
+            self._call("nvmlDeviceSetGpuLockedClocks", self._handle, int(state[0]), int(state[1]))
+
+    def _manual_restore_hint(self, state=None) -> str:
+        if state is not None:
+            return f"Put the previous lock back by hand: nvidia-smi -i {self.gpu_index} -lgc {state[0]},{state[1]}"
+        return f"Reset them by hand: nvidia-smi -i {self.gpu_index} -rgc (--reset-gpu-clocks)"
 
     def energy_counter_mj(self) -> int:
         """Total energy since the driver was loaded, in mJ (``nvmlDeviceGetTotalEnergyConsumption``).

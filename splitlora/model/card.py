@@ -137,6 +137,21 @@ def best_clock_hz(model: CostModel, cut_layer, device_flops_per_s, rate_up_bps, 
     return _pipelined_clock_hz(model, t_d, t_l, t_h, model.server_cycles[c], t_ref, e_ref, w, discrete_clocks)
 
 
+def _check_round_inputs(device_flops_per_s, rate_up_bps, rate_down_bps, memory_bytes, chunk, w) -> None:
+    """The inputs of :func:`card` / :func:`exhaustive_search`: per-device-round numbers (not strings), at least one
+    device-round, memory >= 0; ``chunk`` an integer >= 1; ``w`` one number. Raises InvalidParameterError naming
+    the argument."""
+    if np.ndim(w) != 0:
+        raise V.InvalidParameterError(f"w={w!r} is invalid: must be one number in [0, 1]")
+    V.check_int_range("chunk", chunk, 1, 10**9)
+    for name, v in (("device_flops_per_s", device_flops_per_s), ("rate_up_bps", rate_up_bps),
+                    ("rate_down_bps", rate_down_bps), ("memory_bytes", memory_bytes)):
+        V.check_number(name, v)
+        if np.size(v) == 0:
+            raise V.InvalidParameterError(f"{name}=[] is invalid: must hold at least one device-round")
+    V.check_positive("memory_bytes", memory_bytes, allow_zero=True)
+
+
 def card(model: CostModel, device_flops_per_s, rate_up_bps, rate_down_bps, memory_bytes, w: float, *,
          discrete_clocks: bool = False, chunk: int = DEFAULT_CHUNK) -> Decision:
     """Run CARD for K device-rounds at once.
@@ -152,9 +167,11 @@ def card(model: CostModel, device_flops_per_s, rate_up_bps, rate_down_bps, memor
     Returns:
         :class:`Decision` with arrays of shape (K,).
     Raises:
-        ValueError: w outside [0, 1], non-positive or NaN compute, rates or memory.
+        ValueError: w outside [0, 1] or not a number, non-positive or NaN compute, rates or memory, empty inputs,
+            chunk < 1.
     """
     check_weight(w)
+    _check_round_inputs(device_flops_per_s, rate_up_bps, rate_down_bps, memory_bytes, chunk, w)
     P, Ru, Rd = device_round_inputs(device_flops_per_s, rate_up_bps, rate_down_bps)
     M = np.broadcast_to(np.asarray(memory_bytes, dtype=float).reshape(-1), P.shape)
     parts = [_card_block(model, P[i:i + chunk], Ru[i:i + chunk], Rd[i:i + chunk], M[i:i + chunk], w, discrete_clocks)
@@ -210,11 +227,18 @@ def exhaustive_search(model: CostModel, device_flops_per_s, rate_up_bps, rate_do
         table). Nothing from CARD's closed form is used: U is evaluated on the whole (c, f) grid.
     Returns:
         :class:`Decision`, arrays of shape (K,).
+    Raises:
+        ValueError: as :func:`card`; a clock of ``clocks_hz`` not finite and > 0, or none.
     """
     check_weight(w)
+    _check_round_inputs(device_flops_per_s, rate_up_bps, rate_down_bps, memory_bytes, chunk, w)
+    if clocks_hz is not None:
+        V.check_positive("clocks_hz", clocks_hz)
+        if np.size(clocks_hz) == 0:
+            raise V.InvalidParameterError("clocks_hz=[] is invalid: must hold at least one clock > 0 (Hz)")
     P, Ru, Rd = device_round_inputs(device_flops_per_s, rate_up_bps, rate_down_bps)
     M = np.broadcast_to(np.asarray(memory_bytes, dtype=float).reshape(-1), P.shape)
-    grid = np.asarray(model.clocks_hz if clocks_hz is None else clocks_hz, dtype=float)
+    grid = np.asarray(model.clocks_hz if clocks_hz is None else clocks_hz, dtype=float).reshape(-1)
     L = model.n_cuts
     parts = []
     for i in range(0, P.shape[0], chunk):

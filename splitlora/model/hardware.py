@@ -119,7 +119,8 @@ class ServerSpec:
         """From datasheet numbers: g_s = 2 x CUDA cores, the clock table f_min..f_max every ``clock_step_hz`` and
         kappa = board power / f_max^3 (all board power dynamic at f_max, an upper bound; docs/model.md "Server
         energy"). Raises InvalidParameterError for a value out of range."""
-        V.check_positive("cuda_cores", cuda_cores)
+        if isinstance(cuda_cores, bool) or not isinstance(cuda_cores, (int, np.integer)) or not 1 <= cuda_cores <= 10**7:
+            raise InvalidParameterError(f"cuda_cores={cuda_cores!r} is invalid: must be an integer in [1, 10000000]")
         V.check_positive("board_power_w", board_power_w)
         clocks = clock_table_hz(f_min_hz, f_max_hz, clock_step_hz)
         return cls(board=board, flops_per_cycle=2.0 * cuda_cores, utilisation=utilisation, clocks_hz=clocks,
@@ -356,8 +357,12 @@ def _server(where: str, s: dict, eta: float) -> ServerSpec:
         kappa = _number(where, s, "board_power_w") / float(clocks[-1]) ** 3
     else:
         kappa = _number(where, s, "measured_power_w") / _number(where, s, "measured_clock_hz") ** 3
+    if not g:
+        cores = _v(s["cuda_cores"])
+        if isinstance(cores, bool) or not isinstance(cores, int) or not 1 <= cores <= 10**7:
+            raise InvalidParameterError(f"{where}.cuda_cores={cores!r} is invalid: must be an integer in [1, 10000000]")
     return ServerSpec(board=str(_v(s.get("board", where))),
-                      flops_per_cycle=_number(where, s, "flops_per_cycle") if g else 2.0 * _number(where, s, "cuda_cores"),
+                      flops_per_cycle=_number(where, s, "flops_per_cycle") if g else 2.0 * _v(s["cuda_cores"]),
                       utilisation=_number(where, s, "utilisation") if "utilisation" in s else eta, clocks_hz=clocks,
                       kappa=kappa, static_power_w=_number(where, s, "static_power_w", allow_zero=True)
                       if "static_power_w" in s else 0.0,

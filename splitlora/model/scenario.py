@@ -67,7 +67,10 @@ class Scenario:
         check_weight(self.w)
         V.check_positive("compute_scale", self.compute_scale)
         V.check_choice("schedule", self.schedule, SCHEDULES)
-        if isinstance(self.devices, str) or not all(isinstance(d, str) for d in self.devices):
+        if isinstance(self.devices, (str, bytes)):
+            raise InvalidParameterError(f"devices={self.devices!r} is invalid: must be a list of device names, e.g. "
+                                        f"[{self.devices!r}]")
+        if not all(isinstance(d, str) for d in self.devices):
             raise InvalidParameterError(f"devices={self.devices!r} is invalid: must be a list of device names")
         if self.hardware is not None:
             object.__setattr__(self, "hardware", str(self.hardware))

@@ -53,16 +53,30 @@ def encode_answer(tokenizer, answer: str, chat_template: bool = False) -> list[i
     return ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
 
 
-def validate_jsonl(path: str | os.PathLike) -> int:
-    """Check every line of a GSM8K-format JSONL file; return the number of records.
+#: longest JSONL line (bytes) a GSM8K-format file may hold: GSM8K's longest record is under 2 KB. Checked while
+#: reading, before a line is decoded or parsed, so a runaway line is refused at once rather than tokenised.
+MAX_LINE_BYTES = 1 << 20
 
-    Raises ValueError ``"<path>, line <n>: <what is wrong>"`` for invalid JSON, a non-object, a missing
-    or non-string ``question``/``answer``; FileNotFoundError if the file is absent. Blank lines are skipped.
-    """
-    path = Path(path)
-    n = 0
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+
+def _jsonl_records(path: Path):
+    """Yield the records of a GSM8K-format JSONL file, each checked; blank lines skipped. Raises
+    InvalidParameterError ``"<path>, line <n>: ..."`` for a line over :data:`MAX_LINE_BYTES`, non-UTF-8 bytes,
+    invalid JSON, a non-object or a missing or non-string ``question``/``answer``."""
+    with path.open("rb") as f:
+        lineno = 0
+        while True:
+            raw = f.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                return
+            lineno += 1
+            if len(raw) > MAX_LINE_BYTES:
+                raise InvalidParameterError(f"{path}, line {lineno}: malformed record (longer than {MAX_LINE_BYTES} "
+                                            "bytes; must be one GSM8K record per line)")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InvalidParameterError(f"{path}, line {lineno}: not UTF-8 (byte {raw[e.start]:#04x} at column "
+                                            f"{e.start + 1}); must be a UTF-8 JSONL file") from None
             if not line.strip():
                 continue
             try:
@@ -76,22 +90,37 @@ def validate_jsonl(path: str | os.PathLike) -> int:
                 if not isinstance(rec.get(k), str):
                     raise InvalidParameterError(f"{path}, line {lineno}: malformed record (field {k!r} must be a string, "
                                      f"got {rec.get(k)!r})")
-            n += 1
-    return n
+            yield {k: rec[k] for k in FIELDS}
+
+
+def _all_records(path: str | os.PathLike) -> list[dict]:
+    path = Path(path)
+    records = list(_jsonl_records(path))
+    if not records:
+        raise InvalidParameterError(f"{path} is invalid: holds no record (empty, or blank lines only); must hold "
+                                    "GSM8K-format lines {\"question\": ..., \"answer\": ...}")
+    return records
+
+
+def validate_jsonl(path: str | os.PathLike) -> int:
+    """Check every line of a GSM8K-format JSONL file; return the number of records (at least one).
+
+    Raises ValueError ``"<path>, line <n>: <what is wrong>"`` for invalid JSON, a non-object, a missing
+    or non-string ``question``/``answer``, non-UTF-8 bytes, a line over :data:`MAX_LINE_BYTES`; ValueError naming the
+    path for a file without a record; FileNotFoundError if the file is absent. Blank lines are skipped.
+    """
+    return len(_all_records(path))
 
 
 def read_jsonl(path: str | os.PathLike, limit: int | None = None):
     """A ``datasets.Dataset`` of a validated GSM8K-format JSONL file (columns question, answer),
-    optionally the first ``limit`` records."""
-    from datasets import load_dataset
+    optionally the first ``limit`` records. Raises as :func:`validate_jsonl`."""
+    from datasets import Dataset
 
-    n = validate_jsonl(path)
-    ds = load_dataset("json", data_files=str(Path(path)), split="train")
-    ds = ds.select_columns(list(FIELDS))
     if limit is not None:
         check_int_range("limit", limit, 0, 10**9)
-        ds = ds.select(range(min(limit, n)))
-    return ds
+    records = _all_records(path)[:limit]
+    return Dataset.from_dict({k: [r[k] for r in records] for k in FIELDS})
 
 
 _NAMES = ["Ava", "Ben", "Chen", "Dara", "Eli", "Fatima", "Gus", "Hana", "Ivan", "Jo"]

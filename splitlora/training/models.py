@@ -233,6 +233,24 @@ def _write_cache(folder: Path, model, tokenizer) -> None:
                       UserWarning, stacklevel=3)
 
 
+def _check_hub_id(source: str, gguf_file: str | None) -> None:
+    """``source`` is no local path: raise OSError naming it unless it is a Hub id ('org/name') that can be loaded
+    (in the HF cache when offline), so a mistyped folder never reaches the Hub's "Repo id must be ..." error."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if source.startswith((".", "/", "~")) or "\\" in source:
+        raise OSError(f"model_name_or_path={source!r} is invalid: no such folder")
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        raise OSError(f"model_name_or_path={source!r} is invalid: no such folder, and not a Hub id ('org/name' of "
+                      "letters, digits, '-', '_', '.')") from None
+    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(source, gguf_file or "config.json"), str):
+        raise OSError(f"model_name_or_path={source!r} is invalid: no such folder, and the Hub id is not in the HF cache "
+                      "(HF_HUB_OFFLINE is set)")
+
+
 def resolve_source(model_name_or_path: str, gguf_file: str | None = None) -> tuple[str, dict]:
     """``(folder or Hub id, {"gguf_file": name} or {})`` that transformers' ``from_pretrained`` takes for
     ``model_name_or_path``: a named model (``NAMED_MODELS``), a ``.gguf`` file, a folder (with ``gguf_file``) or a
@@ -248,8 +266,8 @@ def resolve_source(model_name_or_path: str, gguf_file: str | None = None) -> tup
         if not p.is_file():
             raise OSError(f"model_name_or_path={source!r} is invalid: no such GGUF file")
         source, gguf_file = str(p.parent), p.name
-    elif not Path(source).expanduser().exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
-        raise OSError(f"model_name_or_path={source!r} is invalid: no such folder (a Hub id is 'org/name')")
+    elif not Path(source).expanduser().exists():
+        _check_hub_id(source, gguf_file)
     if gguf_file is not None and Path(source).is_dir() and not (Path(source) / gguf_file).is_file():
         raise OSError(f"gguf_file={gguf_file!r} is invalid: {Path(source) / gguf_file} does not exist")
     return source, ({} if gguf_file is None else {"gguf_file": gguf_file})

@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from splitlora._validate import check_choice, check_int_range, check_positive
-from splitlora.atomic import atomic_save_folder, atomic_write
+from splitlora.atomic import atomic_save_folder, atomic_write, load_checkpoint_file
 from splitlora.errors import InvalidParameterError
 from splitlora.training.evaluation import SplitLM
 from splitlora.training.node import LoraNode, payload_bytes, roundtrip, trainable_names
@@ -60,6 +60,15 @@ class SplitTrainConfig:
         check_positive("lr", self.lr)
         check_positive("eps", self.eps)
         check_positive("weight_decay", self.weight_decay, allow_zero=True)
+        b = self.betas
+        if (not isinstance(b, (tuple, list)) or len(b) != 2
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < 1 for x in b)):
+            raise InvalidParameterError(f"betas={b!r} is invalid: must be two numbers in [0, 1) (AdamW)")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise InvalidParameterError(f"seed={self.seed!r} is invalid: must be an integer >= 0")
+        for k in ("send_attention_mask", "progress"):
+            if not isinstance(getattr(self, k), bool):
+                raise InvalidParameterError(f"{k}={getattr(self, k)!r} is invalid: must be a boolean (true or false)")
         check_choice("granularity", self.granularity, GRANULARITIES)
         check_choice("wire_dtype", self.wire_dtype, WIRE_DTYPES)
         check_choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
@@ -112,6 +121,28 @@ def _check_lora_config(lora_config) -> None:
     if getattr(lora_config, "trainable_token_indices", None):
         raise InvalidParameterError(f"lora_config.trainable_token_indices={lora_config.trainable_token_indices!r} is invalid: "
                          "must be None (split training adapts LoRA parameters only)")
+    init = getattr(lora_config, "init_lora_weights", True)
+    if init not in (True, False, "gaussian"):
+        raise InvalidParameterError(f"lora_config.init_lora_weights={init!r} is invalid: must be True, False or 'gaussian' "
+                                    "(data- or SVD-based initialisations rewrite the base weights the two sides share)")
+    # every other option must keep its default: each changes the model (layer_replication, target_parameters,
+    # lora_bias, quantisation-aware variants, activated LoRA, ...) in ways the export or the split does not carry
+    from peft import LoraConfig
+
+    default = LoraConfig()
+    for k in _LORA_OPTIONS_AT_DEFAULT:
+        v = getattr(lora_config, k, None)
+        if v != getattr(default, k, None):
+            raise InvalidParameterError(f"lora_config.{k}={v!r} is invalid: must be {getattr(default, k, None)!r} "
+                                        "(split training does not support this peft option)")
+
+
+# peft LoraConfig options split training refuses unless they keep their default (those it supports: r, lora_alpha,
+# lora_dropout, target_modules, exclude_modules, fan_in_fan_out, use_rslora, init_lora_weights True/False/"gaussian",
+# layers_to_transform, layers_pattern, rank_pattern, alpha_pattern; tests/training/test_trainer_options.py)
+_LORA_OPTIONS_AT_DEFAULT = ("layer_replication", "target_parameters", "lora_bias", "use_qalora", "loftq_config",
+                            "eva_config", "corda_config", "lora_ga_config", "velora_config", "alora_invocation_tokens",
+                            "monteclora_config", "megatron_config", "use_bdlora", "arrow_config", "kasa_config")
 
 
 def _check_trainable_not_shared(peft_model, base) -> None:
@@ -318,8 +349,9 @@ class SplitTrainer:
         return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
-        """Resume from a checkpoint written by :meth:`save_checkpoint` (``torch.load(weights_only=True)``)."""
-        self.load_state_dict(torch.load(Path(path), weights_only=True))
+        """Resume from a checkpoint written by :meth:`save_checkpoint` (``torch.load(weights_only=True)``). Raises
+        :class:`~splitlora.errors.CorruptFileError` naming the path for a truncated or corrupt file."""
+        self.load_state_dict(load_checkpoint_file(path))
 
     # ------------------------------------------------------------------ export
     def export_adapter(self, directory: str | os.PathLike) -> Path:

@@ -21,7 +21,7 @@ class FakeNVML(types.ModuleType):
 
     def __init__(self, *, graphics_clocks_mhz=(210, 600, 1005, 1500, 1995, 2535), memory_clocks_mhz=(405, 9001),
                  default_clock_mhz=2535, energy_mj=(1_000_000, 1_250_500), fail=None, log_path=None,
-                 name=b"Fake GeForce RTX 4060 Ti"):
+                 name=b"Fake GeForce RTX 4060 Ti", locked=None, interrupt_after=()):
         super().__init__("pynvml")
         for attr in dir(_real):  # real error classes and NVML_* constants
             if attr.startswith(("NVMLError", "NVML_")):
@@ -34,7 +34,8 @@ class FakeNVML(types.ModuleType):
         self.log_path = log_path
         self.device_name = name
         self.calls: list[tuple] = []
-        self.locked: tuple[int, int] | None = None
+        self.locked: tuple[int, int] | None = locked  # an administrator's earlier lock (nvidia-smi -lgc)
+        self.interrupt_after = set(interrupt_after)  # names of calls that raise KeyboardInterrupt AFTER succeeding
         self.initialised = 0
 
     # ---- recording -------------------------------------------------------------------------
@@ -91,10 +92,20 @@ class FakeNVML(types.ModuleType):
     def nvmlDeviceSetGpuLockedClocks(self, handle, min_mhz, max_mhz):
         self._record("nvmlDeviceSetGpuLockedClocks", handle, min_mhz, max_mhz)
         self.locked = (min_mhz, max_mhz)
+        self._interrupt("nvmlDeviceSetGpuLockedClocks")
 
     def nvmlDeviceResetGpuLockedClocks(self, handle):
         self._record("nvmlDeviceResetGpuLockedClocks", handle)
         self.locked = None
+
+    def nvmlDeviceGetCurrentClocksEventReasons(self, handle):
+        """Bit 0x2 (applications clocks setting) while a lock is set, as NVML reports a locked clock."""
+        self._record("nvmlDeviceGetCurrentClocksEventReasons", handle)
+        return _real.nvmlClocksEventReasonApplicationsClocksSetting if self.locked else 0
+
+    def _interrupt(self, fn):
+        if fn in self.interrupt_after:  # Ctrl-C arriving just after the driver call succeeded
+            raise KeyboardInterrupt
 
     def nvmlDeviceGetTotalEnergyConsumption(self, handle):
         self._record("nvmlDeviceGetTotalEnergyConsumption", handle)
