@@ -101,22 +101,26 @@ class DistConfig:
     addr: address the server binds and devices connect to; loopback unless you name one ["127.0.0.1"].
     port: TCP port of the server's store (not torchrun's rendezvous port) [29500].
     timeout_s: longest wait for one message inside a turn (s) [60]. join_timeout_s: how long the server waits
-    for a failed device to rejoin before skipping it (s) [30]. startup_timeout_s: wait for a device's first join
+    for a failed device to rejoin before skipping it (s); must exceed ``timeout_s`` [90]. startup_timeout_s: wait for a device's first join
     (s) [300]. idle_timeout_s: a device's wait for its next turn (s) [3600]. retries: attempts after a failed
-    turn [1]. checkpoint_dir: folder of ``server.pt`` / ``device<m>.pt``, None = no checkpoints [None].
-    resume: load an existing checkpoint at start [True]. output_dir: where the server writes ``adapter.pt``,
-    ``logs.json``, ``events.json`` and the PEFT ``adapter/`` folder [None].
+    turn [1]. checkpoint_dir: folder of ``server.pt`` (+ ``server.logs.jsonl``, ``server.events.jsonl``) /
+    ``device<m>.pt``; None = ``<output_dir>/checkpoint`` [None]. resume: load an existing checkpoint at start
+    [True]. output_dir: where the server writes ``adapter.pt``, ``logs.json``, ``events.json`` and the PEFT
+    ``adapter/`` folder; None = the run folder ``splitlora-runs/<fingerprint>`` [None].
     device: where each rank computes: "cpu", "cuda" (``cuda:$LOCAL_RANK``, modulo the visible GPUs) or "auto"
     (CUDA when this host has it) ["auto"]; read by every rank on its own host (:func:`compute_device`).
     backend: payload transport between the server and a device: "gloo" (from CPU memory), "nccl" (GPU to GPU;
     both ends must compute on CUDA with an NCCL build of torch, else the device is refused) or "auto" (NCCL
-    where both ends can, gloo otherwise) ["auto"]. Headers and control messages always use gloo
-    (:func:`splitlora.distributed.wire.choose_transport`).
+    where both ends can, gloo otherwise) ["auto"]. Headers and control messages always use the pair's TCP
+    connection (:func:`splitlora.distributed.wire.choose_transport`).
+    checkpoints: write checkpoints (to ``checkpoint_dir``) [True].
+    secret_file: file holding the run's shared secret; None = the environment variable ``SPLITLORA_SECRET``
+    (:func:`splitlora.distributed.wire.load_secret`; ``--local`` generates one) [None].
     """
     addr: str = "127.0.0.1"
     port: int = 29500
     timeout_s: float = 60.0
-    join_timeout_s: float = 30.0
+    join_timeout_s: float = 90.0
     startup_timeout_s: float = 300.0
     idle_timeout_s: float = 3600.0
     retries: int = 1
@@ -125,6 +129,9 @@ class DistConfig:
     output_dir: str | None = None
     device: str = "auto"
     backend: str = "auto"
+    # -- protocol and results (issue 11): checkpoints on by default, the shared secret
+    checkpoints: bool = True
+    secret_file: str | None = None
 
     def __post_init__(self):
         check_text("dist.addr", self.addr)
@@ -137,6 +144,20 @@ class DistConfig:
         check_bool("dist.resume", self.resume)
         check_text("dist.checkpoint_dir", self.checkpoint_dir, optional=True)
         check_text("dist.output_dir", self.output_dir, optional=True)
+        _check_protocol(self)
+
+
+# -- protocol and results (issue 11) -------------------------------------------------------------------------
+def _check_protocol(d: DistConfig) -> None:
+    """The checks of the fields the protocol needs: a device whose pair the server closed may notice only at its
+    own ``timeout_s``, so the server must wait longer for it to rejoin; ``checkpoints`` a YAML boolean; the
+    secret file a path string."""
+    if not d.join_timeout_s > d.timeout_s:
+        raise InvalidParameterError(
+            f"dist.join_timeout_s={d.join_timeout_s!r} is invalid with dist.timeout_s={d.timeout_s!r}: must be "
+            "greater, so that a device noticing a dropped pair only at its own timeout can still rejoin")
+    check_bool("dist.checkpoints", d.checkpoints)
+    check_text("dist.secret_file", d.secret_file, optional=True)
 
 
 @dataclass(frozen=True)

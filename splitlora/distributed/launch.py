@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -15,20 +16,26 @@ from dataclasses import replace
 
 from splitlora._validate import check_int_range
 from splitlora.distributed.config import RunConfig, check_run_config, load_config
-from splitlora.distributed.roles import Device, Server
+from splitlora.distributed.roles import Device, RunIncomplete, Server
+from splitlora.distributed.wire import SECRET_ENV
 from splitlora.errors import InvalidParameterError
 
 
 # ============================================================================================ entry points
 def run_role(cfg: RunConfig, rank: int, world_size: int) -> int:
-    """Run rank ``rank`` of ``world_size`` = devices + 1 (0: server). Returns the exit code."""
+    """Run rank ``rank`` of ``world_size`` = devices + 1 (0: server). Returns the exit code: 1 for a server whose
+    run trained fewer mini-batches than configured (the reason printed; earlier outputs left as they were)."""
     if world_size != cfg.num_devices + 1:
         raise InvalidParameterError(f"WORLD_SIZE={world_size} is invalid: must be {cfg.num_devices + 1} "
                          f"(one server + {cfg.num_devices} devices of the configuration)")
     check_int_range("RANK", rank, 0, world_size - 1)
     check_run_config(cfg)
     if rank == 0:
-        Server(cfg).serve()
+        try:
+            Server(cfg).serve()
+        except RunIncomplete as err:
+            print(f"[splitlora server] {err}", file=sys.stderr, flush=True)
+            return 1
         return 0
     return Device(cfg, rank - 1).serve()
 
@@ -50,6 +57,8 @@ def launch_local(config_path, *, extra_env: dict | None = None, timeout_s: float
             processes' stdout and stderr (appended), or None for this process's own.
     The whole configuration is checked first (:func:`~splitlora.distributed.config.check_run_config`); a port already in
     use on this host is replaced by a free one (printed); if the server fails, the devices are stopped at once.
+    Without ``dist.secret_file`` or ``SPLITLORA_SECRET`` (in ``extra_env`` or this environment) a random shared
+    secret is generated for the processes of this run.
     Returns: exit codes, server first (-9 for a process killed at the timeout or after the server failed).
     Raises: ValueError for an invalid configuration (naming the field).
     """
@@ -63,12 +72,15 @@ def launch_local(config_path, *, extra_env: dict | None = None, timeout_s: float
         new = free_port(addr)
         print(f"[splitlora] dist.port={port} is in use on {addr}: this local run uses port {new}", file=sys.stderr)
         args = [*args, f"--port={new}"]
+    extra_env = dict(extra_env or {})
+    if cfg.dist.secret_file is None and not (extra_env.get(SECRET_ENV) or os.environ.get(SECRET_ENV)):
+        extra_env[SECRET_ENV] = secrets.token_hex(32)
     procs = []
     with contextlib.ExitStack() as stack:
         out = None if log_path is None else stack.enter_context(open(log_path, "ab"))
         for r in range(world):
             env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
-                   **(extra_env or {})}
+                   **extra_env}
             procs.append(subprocess.Popen([sys.executable, "-m", "splitlora.distributed", "--config",
                                            str(config_path), *args], env=env, stdout=out,
                                           stderr=None if out is None else subprocess.STDOUT))

@@ -5,7 +5,9 @@ Source: docs/distributed.md.
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,6 +34,32 @@ def compute_device(d: DistConfig) -> torch.device:
         raise InvalidParameterError("dist.device='cuda' is invalid on this host: torch sees no CUDA device; must be 'cpu' or "
                          "'auto'")
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+
+
+RUNS_DIR = "splitlora-runs"  # the default run folders: <cwd>/splitlora-runs/<fingerprint as 16 hex digits>
+
+
+def run_folders(cfg: RunConfig) -> tuple[Path, Path | None]:
+    """``(output folder, checkpoint folder or None)`` of a distributed run on this host: ``dist.output_dir``, else
+    the run folder ``splitlora-runs/<fingerprint>`` (relative to the working directory); ``dist.checkpoint_dir``,
+    else ``<output folder>/checkpoint``; no checkpoint folder with ``dist.checkpoints: false``."""
+    d = cfg.dist
+    out = Path(d.output_dir) if d.output_dir else Path(RUNS_DIR) / f"{cfg.fingerprint():016x}"
+    if not d.checkpoints:
+        return out, None
+    return out, Path(d.checkpoint_dir) if d.checkpoint_dir else out / "checkpoint"
+
+
+def check_writable(folder: Path, name: str) -> None:
+    """Create ``folder`` if needed and write and remove a file in it, so a folder that cannot hold results fails
+    before the first training step. Raises InvalidParameterError naming the field ``name`` and the folder."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".splitlora-write-check."):
+            pass
+    except OSError as err:
+        raise InvalidParameterError(f"{name}={str(folder)!r} is invalid: cannot write there ({err.strerror or err}); "
+                                    "must be a folder this process can write") from None
 
 
 def build_base_model(cfg: RunConfig):

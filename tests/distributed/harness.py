@@ -17,6 +17,7 @@ from splitlora.distributed.launch import free_port
 
 B, S, H = 2, 16, 32
 RUN_TIMEOUT_S = 150
+SECRET = "splitlora-test-secret-0123456789"  # the shared secret of the test runs (SPLITLORA_SECRET)
 
 
 def base_config(tmp_path: Path, **over) -> dict:
@@ -26,7 +27,7 @@ def base_config(tmp_path: Path, **over) -> dict:
         "train": {"lr": 1e-2, "seed": 3, "granularity": "sublayer"},
         "batch_size": B, "seq_len": S, "batches_per_device": 4, "devices": ["Device 3"], "rounds": 2,
         "steps_per_round": 2, "cut": [[1], [3]],
-        "dist": {"port": free_port(), "timeout_s": 20, "join_timeout_s": 5, "startup_timeout_s": 120,
+        "dist": {"port": free_port(), "timeout_s": 8, "join_timeout_s": 10, "startup_timeout_s": 120,
                  "idle_timeout_s": 150, "checkpoint_dir": str(tmp_path / "ck"), "output_dir": str(tmp_path / "out")},
     }
     for k, v in over.items():
@@ -51,7 +52,7 @@ class Cluster:
     def start(self, rank: int, kill_at: int | None = None, env: dict | None = None, cfg_path: Path | None = None) -> None:
         extra = env or {}
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(self.world), "PYTHONWARNINGS": "ignore",
-               "OMP_NUM_THREADS": "1"}  # 2-3 processes on 2 cores: no oversubscribed thread pools
+               "OMP_NUM_THREADS": "1", wire.SECRET_ENV: SECRET}  # 2-3 processes on 2 cores: one thread each
         env.pop("SPLITLORA_TEST_KILL_AT", None)
         env.pop(wire.FAKE_NCCL_ENV, None)
         env.update(extra)

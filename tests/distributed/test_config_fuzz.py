@@ -89,6 +89,8 @@ BAD = {
     "dist.retries": [-1, "1", 1.5, 10**6],
     "dist.checkpoint_dir": [5, "", True],
     "dist.resume": ["no", 0],
+    "dist.checkpoints": ["no", "yes", 1],
+    "dist.secret_file": [5, "", True],
     "dist.output_dir": [5, "", True],
     "dist.device": ["gpu"],
     "dist.backend": ["mpi"],

@@ -293,19 +293,23 @@ def test_veth_shaped_to_poor_rate(tmp_path):
 
 def test_dead_device_is_skipped_and_server_state_kept(tmp_path):
     """Device 1 is SIGKILLed in the middle of its round-1 turn and never comes back: the server rolls the turn
-    back, waits join_timeout_s, skips it (and at once in later rounds), and finishes with device 0. The result
-    equals SplitTrainer without those turns: no half-applied step, no lost optimiser state."""
+    back, waits join_timeout_s, skips it (and at once in later rounds), and finishes with device 0. The result,
+    written to ``incomplete/`` with exit code 1, equals SplitTrainer without those turns: no half-applied step, no
+    lost optimiser state."""
     cfg = base_config(tmp_path, devices=["Device 3", "Device 5"], rounds=3, cut=[[1, 2], [3, 1], [2, 3]],
-                      dist={"join_timeout_s": 2, "retries": 1})
+                      dist={"timeout_s": 3, "join_timeout_s": 4, "retries": 1})
     cl = Cluster(tmp_path, write_config(tmp_path, cfg), 3)
     cl.start(0)
     cl.start(1)
     cl.start(2, kill_at=7)  # round 1, device 1's turn = steps 6, 7: killed after sending step 7's smashed data
     codes = cl.wait()
-    assert codes == {0: 0, 1: 0, 2: -signal.SIGKILL}, cl.logs()
+    assert codes == {0: 1, 1: 0, 2: -signal.SIGKILL}, cl.logs()  # 1: fewer mini-batches trained than configured
     skip = [(1, 1), (2, 1)]
-    logs, _ = assert_same_as_in_process(cfg, skip=skip)
-    _, _, events = results(cfg)
+    out = Path(cfg["dist"]["output_dir"])
+    assert not (out / "adapter.pt").exists()  # what was trained is kept apart from complete runs' outputs
+    incomplete = {**cfg, "dist": {**cfg["dist"], "output_dir": str(out / "incomplete")}}
+    logs, _ = assert_same_as_in_process(incomplete, skip=skip)
+    _, _, events = results(incomplete)
     assert [(e["round"], e["device"]) for e in events if e["event"] == "skipped"] == skip
     assert any(e["event"] == "turn_failed" and e["device"] == 1 for e in events)
 
