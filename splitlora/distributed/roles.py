@@ -43,8 +43,8 @@ TURN, STOP = 1, 2
 
 
 class JoinRefused(SplitLoRAError, ValueError):
-    """The server refused this device: another configuration (fingerprint) or device index, or ``dist.backend:
-    nccl`` where one end cannot use NCCL. Not retried: the device process exits with the reason."""
+    """The server refused this device: another shared secret, configuration (fingerprint) or device index, or
+    ``dist.backend: nccl`` where one end cannot use NCCL. Not retried: the device process exits with the reason."""
 
 
 def _atomic_save(obj, path: Path) -> None:
