@@ -43,8 +43,8 @@ TURN, STOP = 1, 2
 
 
 class JoinRefused(SplitLoRAError, ValueError):
-    """The server refused this device: another configuration (fingerprint) or device index, or ``dist.backend:
-    nccl`` where one end cannot use NCCL. Not retried: the device process exits with the reason."""
+    """The server refused this device: another shared secret, configuration (fingerprint) or device index, or
+    ``dist.backend: nccl`` where one end cannot use NCCL. Not retried: the device process exits with the reason."""
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -249,6 +249,9 @@ class Server:
                 sock, peer = self.listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
+            except OSError as err:  # e.g. out of file descriptors: try again at the next wait
+                self.event("join_failed", peer=None, error=f"accept: {err}")
+                return
             sock.setblocking(True)
             self._handshake(sock, f"{peer[0]}:{peer[1]}")
 
@@ -294,9 +297,9 @@ class Server:
             if transport == "nccl":
                 link.payload_pg = nccl_pair_group(self._store(), m, token, 0, self.d.timeout_s, self.dev, self.d.addr)
                 link.payload_device = self.dev
-        except RuntimeError as err:  # ProtocolError, LinkClosed, a failed NCCL rendezvous
+        except Exception as err:  # noqa: BLE001  ProtocolError, LinkClosed, a failed NCCL rendezvous: never fatal
             link.close()
-            self.event("join_failed", peer=who, error=str(err)[:300])
+            self.event("join_failed", peer=who, error=f"{type(err).__name__}: {str(err)[:300]}")
             return
         self.conns[m] = _Conn(gen, link, hello, profile)
         self.absent.discard(m)

@@ -146,3 +146,32 @@ def test_roles_need_the_shared_secret(tmp_path, monkeypatch):
     assert wire.load_secret(str(secret)) == SECRET.encode()
     with pytest.raises(InvalidParameterError, match=r"dist\.secret_file='/nonexistent' is invalid: cannot be read"):
         wire.load_secret("/nonexistent")
+
+
+def test_server_checkpoint_appends_a_turn_and_resume_drops_rows_written_after_it(tmp_path, monkeypatch):
+    """Defect 9 (``server.pt``): a turn appends its rows to ``server.logs.jsonl`` / ``server.events.jsonl`` and
+    rewrites only the constant-size state; rows appended after the last ``server.pt`` (a crash in between) are
+    dropped when the server resumes."""
+    monkeypatch.setenv(wire.SECRET_ENV, SECRET)
+    cfg = config.config_from_dict(base_config(tmp_path))
+    ck = Path(cfg.dist.checkpoint_dir)
+    server, sizes = roles.Server(cfg), []
+    for turn in range(4):
+        server.logs.append(roles.DistStepLog(turn, 0, 0, 1, 2.5, 0, 0, 0, 0))
+        server.event("turn_done", round=0, device=0)
+        server.turn += 1
+        server.checkpoint()
+        sizes.append((ck / "server.pt").stat().st_size)
+    assert max(sizes) - min(sizes) < 64, sizes  # the state does not grow with the turns
+    st = torch.load(ck / "server.pt", weights_only=True)
+    assert "logs" not in st and (st["n_logs"], st["n_events"]) == (4, 4)
+    with open(ck / "server.logs.jsonl", "a") as f:
+        f.write('{"step": 99, "round"')  # a crash while appending the next turn
+    resumed = roles.Server(cfg)
+    assert [x.step for x in resumed.logs] == [0, 1, 2, 3] and resumed.turn == 4
+    assert [e["event"] for e in resumed.events] == ["turn_done"] * 4 + ["resumed"]
+    resumed.checkpoint()
+    assert len((ck / "server.logs.jsonl").read_text().splitlines()) == 4
+    (ck / "server.events.jsonl").write_text("")  # rows the checkpoint counts are missing: refused with its path
+    with pytest.raises(InvalidParameterError, match=r"server\.pt.* is invalid: server\.events\.jsonl holds 0 of"):
+        roles.Server(cfg)
