@@ -19,7 +19,8 @@ from splitlora.errors import InvalidParameterError
 from splitlora.paths import DATA_DIR
 
 MODELS_DIR = DATA_DIR / "models"
-SHIPPED_MODELS = {"llama-3.2-1b": "llama-3.2-1b.json", "t5-large": "t5-large.json", "smollm2-135m": "smollm2-135m.json"}
+SHIPPED_MODELS = {"llama-3.2-1b": "llama-3.2-1b.json", "t5-large": "t5-large.json", "smollm2-135m": "smollm2-135m.json",
+                  "llama-3.1-8b": "llama-3.1-8b.json", "llama-3.1-70b": "llama-3.1-70b.json", "qwen2.5-7b": "qwen2.5-7b.json"}
 DECODER_FAMILIES = ("llama", "mistral", "qwen2")
 GRANULARITIES = ("block", "sublayer")
 ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
