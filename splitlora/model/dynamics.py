@@ -118,8 +118,9 @@ def dynamic_policies(model: CostModel, device_flops_per_s, memory_bytes, rates_b
         raise InvalidParameterError(f"policies={unknown!r} is invalid: must be names from {list(DYNAMIC_POLICIES)}")
     check_weight(w)
     R3 = np.asarray(rates_bps, dtype=float)
-    if R3.ndim != 3:
-        raise InvalidParameterError(f"rates_bps has shape {R3.shape}: must be (rounds, devices, steps_per_round)")
+    if R3.ndim != 3 or R3.shape[2] != model.iterations:
+        raise InvalidParameterError(f"rates_bps has shape {R3.shape}: must be (rounds, devices, {model.iterations}) "
+                                    "(the last axis: steps_per_round)")
     N, M_, I = R3.shape
     P = np.broadcast_to(np.asarray(device_flops_per_s, dtype=float).reshape(-1), (M_,))
     Mem = np.broadcast_to(np.asarray(memory_bytes, dtype=float).reshape(-1), (M_,))
