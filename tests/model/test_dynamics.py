@@ -182,3 +182,14 @@ def test_bad_input_is_named():
         minibatch_rates_bps("AWGN", 2, I, 2, 1)
     with pytest.raises(InvalidParameterError, match=r"coherence_steps=0 is invalid"):
         minibatch_rates_bps("Markov", 2, I, 2, 0)
+
+
+def test_fading_spec_is_validated():
+    from splitlora.model.channel import FadingSpec
+    ok = dict(mean_snr_db=15.0, carrier_hz=3.5e9, speed_m_per_s=1.0, coherence_constant=0.423,
+              min_spectral_efficiency=0.15)
+    FadingSpec(**ok)
+    with pytest.raises(InvalidParameterError, match=r"carrier_hz=-1"):
+        FadingSpec(**dict(ok, carrier_hz=-1.0))
+    with pytest.raises(InvalidParameterError, match=r"mean_snr_db=nan"):
+        FadingSpec(**dict(ok, mean_snr_db=float("nan")))
