@@ -41,12 +41,12 @@ def policy_regret(scenario: Scenario | None = None, processes=PROCESSES, coheren
             o = res["oracle"]
             ok = o.feasible
             for name, d in res.items():
+                du = d.objective[ok] - o.objective[ok]
                 rows.append({"process": process, "coherence_steps": int(tau), "coherence_rounds": int(tau) / I,
                              "policy": name, "mean_delay_s": float(d.delay_s[ok].mean()),
                              "mean_energy_j": float(d.energy_j[ok].mean()),
                              "mean_objective": float(d.objective[ok].mean()),
-                             "regret": float((d.objective[ok] - o.objective[ok]).mean()),
-                             "relative_regret": float((d.objective[ok] - o.objective[ok]).sum() / o.objective[ok].sum()),
+                             "regret": float(du.mean()), "relative_regret": float(du.sum() / o.objective[ok].sum()),
                              "delay_vs_oracle": float(d.delay_s[ok].sum() / o.delay_s[ok].sum() - 1),
                              "energy_vs_oracle": float(d.energy_j[ok].sum() / o.energy_j[ok].sum() - 1)
                              if o.energy_j[ok].sum() > 0 else np.nan,
