@@ -38,6 +38,7 @@ lab: install
 
 benchmarks: install
 	$(BIN)/python benchmarks/card_speed.py
+	$(BIN)/python benchmarks/card_scale.py
 
 gpu-smoke: install
 	$(BIN)/python scripts/gpu_smoke.py

@@ -192,7 +192,7 @@ class ChannelSpec:
     def rate_bps(self, state: str) -> float:
         """Shannon rate R = W log2(1 + SNR) of a state (bit/s). Raises ValueError for an unknown state."""
         V.check_choice("channel state", state, CHANNEL_STATES)
-        return float(self.bandwidth_hz * np.log2(1.0 + 10.0 ** (self.snr_db[state] / 10.0)))
+        return float(shannon_rate_bps(self.bandwidth_hz, self.snr_db[state]))
 
     def rates_bps(self) -> np.ndarray:
         """Rates of (Good, Normal, Poor), shape (3,), bit/s."""
@@ -231,6 +231,12 @@ class ChannelSpec:
         vals, vecs = np.linalg.eig(P.T)
         v = np.real(vecs[:, np.argmin(np.abs(vals - 1.0))])
         return v / v.sum()
+
+
+def shannon_rate_bps(bandwidth_hz, snr_db):
+    """Shannon capacity R = W log2(1 + 10^(SNR/10)) (bit/s) of bandwidth W (Hz) at SNR (dB), broadcasting; the one
+    place the link-rate formula is written (docs/model.md "Channel")."""
+    return bandwidth_hz * np.log2(1.0 + 10.0 ** (np.asarray(snr_db, dtype=float) / 10.0))
 
 
 @lru_cache(maxsize=16)

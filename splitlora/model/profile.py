@@ -19,7 +19,9 @@ from splitlora.errors import InvalidParameterError
 from splitlora.paths import DATA_DIR
 
 MODELS_DIR = DATA_DIR / "models"
-SHIPPED_MODELS = {"llama-3.2-1b": "llama-3.2-1b.json", "t5-large": "t5-large.json", "smollm2-135m": "smollm2-135m.json"}
+SHIPPED_MODELS = {"llama-3.2-1b": "llama-3.2-1b.json", "t5-large": "t5-large.json",
+                  "smollm2-135m": "smollm2-135m.json", "llama-3.1-8b": "llama-3.1-8b.json",
+                  "llama-3.1-70b": "llama-3.1-70b.json", "qwen2.5-7b": "qwen2.5-7b.json"}
 DECODER_FAMILIES = ("llama", "mistral", "qwen2")
 GRANULARITIES = ("block", "sublayer")
 ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -33,7 +35,8 @@ _MAX_INT = 2**40
 def load_model_config(name_or_path):
     """Return a ``transformers.PretrainedConfig``.
 
-    ``name_or_path`` is a shipped name (``"llama-3.2-1b"``, ``"t5-large"``, ``"smollm2-135m"``: the config.json
+    ``name_or_path`` is a shipped name (``"llama-3.2-1b"``, ``"t5-large"``, ``"smollm2-135m"``, ``"llama-3.1-8b"``,
+    ``"llama-3.1-70b"``, ``"qwen2.5-7b"``: the config.json
     files under ``DATA_DIR/models``, sources in its README) or anything ``AutoConfig.from_pretrained`` accepts (a
     local folder or config.json, or a hub id, which needs the network or the HF cache). Where transformers cannot be
     imported, a shipped name still loads, as a plain namespace of the file's fields (:class:`JsonModelConfig`).

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 FIGURES = REPO_ROOT / "figures"
 #: Deterministic analytic notebooks: run with their full (committed) parameters, CSVs compared.
 ANALYTIC = ("claims", "fig1_model_profile", "fig2_optimal_cut", "fig3_policy_comparison", "fig4_convexity",
-            "fig5_sensitivity", "fig6_pipelined_schedule")
+            "fig5_sensitivity", "fig6_pipelined_schedule", "scale", "channel_dynamics")
 
 
 def test_notebooks_are_sources_with_parameters_first():

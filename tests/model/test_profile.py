@@ -215,8 +215,30 @@ def test_param_and_lora_counts_match_real_model(llama_cfg, which):
         assert p.device_lora_params[-1] == sum(q.numel() for q in model.parameters() if q.requires_grad)
 
 
+# Published parameter counts (model cards / the Hub's safetensors count, 3 significant digits): total with the untied
+# LM head counted (none of the three ties it), and Qwen2.5-7B's card also gives the count without embedding and head.
+PUBLISHED_PARAMS = {"llama-3.1-8b": 8.03e9, "llama-3.1-70b": 70.6e9, "qwen2.5-7b": 7.62e9}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
+def test_large_architectures_match_published_parameter_counts(name):
+    cfg = load_model_config(name)
+    assert cfg.tie_word_embeddings is False
+    p = profile_model(cfg, batch_size=1, seq_len=8, param_bytes=1)
+    total = p.device_param_bytes[-1]
+    published = PUBLISHED_PARAMS[name]
+    assert float(f"{total:.3g}") == published, f"{name}: {total:,.0f} parameters"  # e.g. 8,030,261,248 -> 8.03e9
+    assert p.n_cuts == cfg.num_hidden_layers
+    if name == "qwen2.5-7b":  # card: "Number of Parameters (Non-Embedding): 6.53B"
+        assert float(f"{total - 2 * cfg.vocab_size * cfg.hidden_size:.3g}") == 6.53e9
+        from transformers import AutoModelForCausalLM
+        with torch.device("meta"):  # the real module tree (q/k/v biases, untied head) gives the same count
+            assert sum(q.numel() for q in AutoModelForCausalLM.from_config(cfg).parameters()) == total
+
+
 def test_load_model_config_shipped_and_folder(tmp_path, llama_cfg):
-    assert set(SHIPPED_MODELS) == {"llama-3.2-1b", "t5-large", "smollm2-135m"}
+    assert set(SHIPPED_MODELS) == {"llama-3.2-1b", "t5-large", "smollm2-135m", "llama-3.1-8b", "llama-3.1-70b",
+                                   "qwen2.5-7b"}
     assert (llama_cfg.hidden_size, llama_cfg.num_hidden_layers, llama_cfg.num_key_value_heads) == (2048, 16, 8)
     t5 = load_model_config("t5-large")
     assert (t5.d_model, t5.num_layers, t5.num_decoder_layers, t5.vocab_size) == (1024, 24, 24, 32128)
