@@ -1,7 +1,7 @@
 """The ``splitlora`` command: ``train-distributed``, ``reproduce``, ``env`` (``splitlora <command> --help``).
 
 An invalid configuration or parameter exits with status 2 and one line on stderr naming the key, its value and what
-is allowed (before any process starts)."""
+is allowed (before any process starts); ``splitlora --debug ...`` shows the traceback instead."""
 from __future__ import annotations
 
 import argparse
@@ -59,6 +59,7 @@ def _train_distributed(args) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="splitlora", description="Energy-efficient split LoRA fine-tuning (arXiv 2412.00090)")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train-distributed", help="run a server or device role (torchrun), or all roles locally")
     from splitlora.distributed.launch import add_arguments
@@ -75,6 +76,8 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except (InvalidParameterError, FileNotFoundError, IsADirectoryError) as err:
+        if args.debug:
+            raise
         # a bad configuration or parameter: one line naming the key, its value and what is allowed (no traceback)
         print(f"splitlora {args.command}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2

@@ -15,7 +15,7 @@ import yaml
 
 from splitlora._validate import check_choice
 from splitlora.errors import InvalidParameterError
-from splitlora.model.hardware import load_device
+from splitlora.model.hardware import load_hardware
 from splitlora.model.scenario import Scenario
 from splitlora.training.models import resolve_source, tiny_llama_config
 from splitlora.training.trainer import SplitTrainConfig
@@ -171,13 +171,16 @@ class RunConfig:
     the device index, the second half of every second row padding (the fast default); ``"gsm8k:synthetic"``
     (:data:`SYNTHETIC_GSM8K`) = the package's offline GSM8K-format word problems (:func:`splitlora.training.data.load_gsm8k`
     with ``seed=data_seed``); else a GSM8K-format ``.jsonl`` file or a folder with ``train.jsonl`` (the same
-    string on every host: it is part of the fingerprint) [None]. devices: device names of data/hardware.yaml, one per device rank (their reported profile).
+    string on every host: it is part of the fingerprint) [None]. devices: device profile keys or boards of
+    data/hardware.yaml (and of ``hardware``), one per device rank (their reported profile).
     rounds, steps_per_round: N rounds, I mini-batches per device per round. cut: "card" (CARD each round),
-    an int (fixed) or a list per round of a cut per device. w: CARD's delay weight. card_scenario: None (CARD
-    costs the trained model and workload) or :class:`~splitlora.model.scenario.Scenario` fields: CARD then decides
-    for that scenario's model (e.g. Llama-3.2-1B, L' units, ``w`` from the scenario) and the trained model gets
-    the cut round(c' L / L'), so a small model can stand in for the paper's. link: :class:`LinkConfig`.
-    dist: :class:`DistConfig`.
+    an int (fixed) or a list per round of a cut per device. w: CARD's delay weight, the one place it is set (also
+    for ``card_scenario``). card_scenario: None (CARD costs the trained model and workload) or
+    :class:`~splitlora.model.scenario.Scenario` fields other than w, server, hardware: CARD then decides for that
+    scenario's model (e.g. Llama-3.2-1B, L' units) and the trained model gets the cut round(c' L / L'), so a small
+    model can stand in for the paper's. hardware: the user's hardware YAML merged over data/hardware.yaml (docs/model.md
+    "Your own hardware") [None]. server: server profile key or board CARD plans for [None: the default server].
+    link: :class:`LinkConfig`. dist: :class:`DistConfig`.
     """
     model: dict = field(default_factory=lambda: {"hidden_size": 32, "num_layers": 2, "seed": 0})
     lora: dict = field(default_factory=lambda: {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0,
@@ -196,6 +199,8 @@ class RunConfig:
     card_scenario: dict | None = None
     link: LinkConfig = LinkConfig()
     dist: DistConfig = DistConfig()
+    hardware: str | None = None
+    server: str | None = None
 
     def __post_init__(self):
         for k in ("batch_size", "seq_len", "batches_per_device", "rounds", "steps_per_round"):
@@ -219,6 +224,13 @@ class RunConfig:
         if not 1 <= len(self.devices) <= LIMITS["devices"]:
             raise InvalidParameterError(f"devices={list(self.devices)!r} is invalid: must name 1 to {LIMITS['devices']} devices")
         check_number("w", self.w, 0.0, 1.0)
+        check_text("hardware", self.hardware, optional=True)
+        check_text("server", self.server, optional=True)
+        if self.card_scenario is not None:
+            for k in sorted(set(self.card_scenario) & {"w", "hardware", "server"}):
+                raise InvalidParameterError(
+                    f"card_scenario.{k}={self.card_scenario[k]!r} is invalid: {k} is set once, at the top level of "
+                    f"the run configuration ({k}: ...), and CARD uses it with card_scenario too")
         if isinstance(self.cut, str):
             check_choice("cut", self.cut, ("card",))
         elif isinstance(self.cut, (list, tuple)):
@@ -250,6 +262,9 @@ class RunConfig:
         d["train"].pop("progress")
         if d["link"]["rate_source"] == "model":
             d["link"].pop("rate_source")  # as for ``data``: fingerprints from before the field existed hold
+        for k in ("hardware", "server"):
+            if d[k] is None:
+                d.pop(k)
         digest = hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).digest()
         return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
@@ -408,14 +423,16 @@ def check_run_config(cfg: RunConfig) -> None:
     local model that exists), the ``lora`` fields and ranges (and peft options split training can export), the
     ``card_scenario`` fields and values, the ``data`` file, and the cut layers and ``seq_len`` against the model
     (cut in [0, L], seq_len <= max_position_embeddings). Raises InvalidParameterError naming the field."""
+    hw = load_hardware(cfg.hardware)
     for name in cfg.devices:
-        load_device(name)
+        hw.device_key(name, "devices")
+    hw.server(cfg.server)
     _check_model_section(cfg.model)
     _check_lora_section(cfg.lora)
     if cfg.card_scenario is not None:
         _check_keys("card_scenario", cfg.card_scenario)
         try:
-            Scenario(**cfg.card_scenario)
+            planning_scenario(cfg)
         except InvalidParameterError as err:
             raise InvalidParameterError(f"card_scenario.{err}") from None
     _check_data(cfg.data)
@@ -432,8 +449,63 @@ def check_run_config(cfg: RunConfig) -> None:
                                         "(the model's max_position_embeddings)")
 
 
-def load_config(path, check: bool = False) -> RunConfig:
-    """Read a run configuration from a YAML or JSON file; ``check``: also :func:`check_run_config`.
+def planning_scenario(cfg: RunConfig) -> Scenario:
+    """The :class:`~splitlora.model.scenario.Scenario` CARD plans with when ``card_scenario`` is set: its fields and
+    the run's ``w``, ``hardware`` and ``server``."""
+    return Scenario(**cfg.card_scenario, w=cfg.w, hardware=cfg.hardware, server=cfg.server)
+
+
+def merge_overrides(base: dict, overrides: dict, where: str = "overrides") -> dict:
+    """``base`` (a run configuration's fields) with ``overrides`` merged in: nested dicts merged key by key, anything
+    else replaced. Raises InvalidParameterError for a key that is not a RunConfig field or section field."""
+    if not isinstance(overrides, dict):
+        raise InvalidParameterError(f"{where}={overrides!r} is invalid: must be a mapping of RunConfig fields")
+    out = dict(base)
+    top = {f.name for f in fields(RunConfig)}
+    for k, v in overrides.items():
+        if k not in top:
+            raise InvalidParameterError(f"{where}[{k!r}] is invalid: {k!r} is not a RunConfig field; must be among {sorted(top)}")
+        if isinstance(v, dict):
+            allowed = section_keys(k)
+            unknown = sorted(set(v) - set(allowed)) if allowed is not None else []
+            if unknown:
+                raise InvalidParameterError(f"{where}[{k!r}][{unknown[0]!r}] is invalid: {unknown[0]!r} is not a field of "
+                                            f"{k!r}; must be among {allowed}")
+            old = out.get(k)
+            out[k] = {**old, **v} if isinstance(old, dict) else dict(v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_set(items) -> dict:
+    """Overrides from ``--set`` items ``key=value`` or ``section.key=value`` (value parsed as YAML: ``rounds=2``,
+    ``dist.timeout_s=5``, ``devices=[Device 1]``), as a nested dict for :func:`merge_overrides`.
+    Raises InvalidParameterError for an item without ``=`` or a value that is not YAML."""
+    out: dict = {}
+    for item in items or ():
+        key, sep, text = str(item).partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts) or len(parts) > 2:
+            raise InvalidParameterError(f"--set {item!r} is invalid: must be key=value or section.key=value, e.g. "
+                                        "rounds=2 or dist.timeout_s=5")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            raise InvalidParameterError(f"--set {item!r} is invalid: the value is not YAML") from None
+        if len(parts) == 2:
+            section = out.setdefault(parts[0], {})
+            if not isinstance(section, dict):
+                raise InvalidParameterError(f"--set {item!r} is invalid: {parts[0]} was set as a whole already")
+            section[parts[1]] = value
+        else:
+            out[parts[0]] = value
+    return out
+
+
+def load_config(path, check: bool = False, overrides: dict | None = None) -> RunConfig:
+    """Read a run configuration from a YAML or JSON file, with ``overrides`` merged in (:func:`merge_overrides`,
+    e.g. from :func:`parse_set`); ``check``: also :func:`check_run_config`.
     Raises InvalidParameterError for an invalid configuration (naming the field) or an empty file or one that is
     not a mapping; OSError for an unreadable file."""
     text = Path(path).read_text()
@@ -444,7 +516,7 @@ def load_config(path, check: bool = False) -> RunConfig:
     if raw is None:
         raise InvalidParameterError(f"config={str(path)!r} is invalid: the file is empty; must hold RunConfig fields "
                                     "(see data/runs/distributed.yaml)")
-    cfg = config_from_dict(raw)
+    cfg = config_from_dict(merge_overrides(raw, overrides, "--set") if overrides else raw)
     if check:
         check_run_config(cfg)
     return cfg

@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from splitlora.distributed.config import SYNTHETIC_GSM8K, DistConfig, RunConfig
+from splitlora.distributed.config import SYNTHETIC_GSM8K, DistConfig, RunConfig, planning_scenario
 from splitlora.errors import InvalidParameterError
 from splitlora.model.card import card
-from splitlora.model.hardware import CHANNEL_STATES, load_channel, load_device, load_server
+from splitlora.model.hardware import CHANNEL_STATES, load_channel, load_hardware
 from splitlora.model.profile import ATTN_TARGETS, MLP_TARGETS, profile_model, wire_bytes_of
-from splitlora.model.scenario import Scenario, channel_states
+from splitlora.model.scenario import channel_states
 from splitlora.model.system import CostModel, Workload
 from splitlora.training.data import load_gsm8k, tokenize_batches
 from splitlora.training.models import byte_tokenizer, load_model_and_tokenizer, load_tokenizer
@@ -143,8 +143,9 @@ def cost_model(cfg: RunConfig, hf_config):
                          lora_rank=int(cfg.lora.get("r", 8)), lora_targets=targets or ATTN_TARGETS,
                          param_bytes=4, wire_bytes=wire)
     if cfg.card_scenario is not None:
-        return Scenario(**cfg.card_scenario).cost_model(), prof
-    return CostModel.from_profile(prof, load_server(), Workload(cfg.steps_per_round)), prof
+        return planning_scenario(cfg).cost_model(), prof
+    server = load_hardware(cfg.hardware).server(cfg.server)
+    return CostModel.from_profile(prof, server, Workload(cfg.steps_per_round)), prof
 
 
 def decide_cut(cfg: RunConfig, model, n: int, m: int, flops_per_s: float, memory_bytes: float, rate_bps: float,
@@ -155,15 +156,19 @@ def decide_cut(cfg: RunConfig, model, n: int, m: int, flops_per_s: float, memory
         return int(cfg.cut[n][m])
     if not isinstance(cfg.cut, str):
         return int(cfg.cut)
-
-    w = cfg.w if cfg.card_scenario is None else cfg.card_scenario.get("w", 0.1)
-    d = card(model, [flops_per_s], [rate_bps], [rate_bps], [memory_bytes], w, discrete_clocks=True)
+    d = card_decision(cfg, model, flops_per_s, memory_bytes, rate_bps)
     return round(max(int(d.cut_layer[0]), 0) * num_units / model.n_cuts)
 
 
+def card_decision(cfg: RunConfig, model, flops_per_s: float, memory_bytes: float, rate_bps: float):
+    """CARD's :class:`~splitlora.model.card.Decision` (shape (1,)) for one device-round of this run: ``model`` (the
+    planning model's cost model, :func:`cost_model`), the run's ``w``, the server's clock table."""
+    return card(model, [flops_per_s], [rate_bps], [rate_bps], [memory_bytes], cfg.w, discrete_clocks=True)
+
+
 def device_profile(cfg: RunConfig, m: int) -> tuple[float, float]:
-    """(FLOP/s, training memory bytes) device m reports: its data/hardware.yaml entry."""
-    d = load_device(cfg.devices[m])
+    """(FLOP/s, training memory bytes) device m reports: its profile in data/hardware.yaml (and ``hardware``)."""
+    d = load_hardware(cfg.hardware).device(cfg.devices[m])
     return d.flops_per_s, d.training_memory_bytes
 
 

@@ -13,14 +13,13 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import fields
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
 from splitlora._validate import check_positive
-from splitlora.distributed.config import RunConfig, check_run_config, config_from_dict, section_keys
+from splitlora.distributed.config import check_run_config, config_from_dict, merge_overrides
 from splitlora.distributed.launch import free_port, launch_local
 from splitlora.distributed.plan import run_in_process
 from splitlora.errors import InvalidParameterError
@@ -67,26 +66,6 @@ def resolve_run_config(config) -> Path:
                      f"{available_run_configs()} (in {RUNS_DIR})")
 
 
-def _merge(base: dict, overrides: dict, where: str = "overrides") -> dict:
-    """``base`` with ``overrides`` merged in: nested dicts merged key by key, anything else replaced."""
-    out = dict(base)
-    top = {f.name for f in fields(RunConfig)}
-    for k, v in overrides.items():
-        if k not in top:
-            raise InvalidParameterError(f"{where}[{k!r}] is invalid: {k!r} is not a RunConfig field; must be among {sorted(top)}")
-        if isinstance(v, dict):
-            allowed = section_keys(k)
-            unknown = sorted(set(v) - set(allowed)) if allowed is not None else []
-            if unknown:
-                raise InvalidParameterError(f"{where}[{k!r}][{unknown[0]!r}] is invalid: {unknown[0]!r} is not a field of "
-                                 f"{k!r}; must be among {allowed}")
-            old = out.get(k)
-            out[k] = {**old, **v} if isinstance(old, dict) else dict(v)
-        else:
-            out[k] = v
-    return out
-
-
 def run_config_dict(config, overrides: dict | None = None) -> dict:
     """The fields of run configuration ``config`` with ``overrides`` merged in, checked by building the RunConfig.
 
@@ -111,7 +90,7 @@ def run_config_dict(config, overrides: dict | None = None) -> dict:
         overrides = {}
     if not isinstance(overrides, dict):
         raise InvalidParameterError(f"overrides={overrides!r} is invalid: must be a dict of RunConfig fields")
-    merged = _merge(base, overrides)
+    merged = merge_overrides(base, overrides)
     check_run_config(config_from_dict(merged))  # raises ValueError naming the field
     return merged
 

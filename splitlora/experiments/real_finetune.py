@@ -14,7 +14,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from splitlora._validate import check_choice, check_int_range
+from splitlora._validate import check_int_range
 from splitlora.errors import InvalidParameterError
 from splitlora.experiments.analytic import optimal_decisions
 from splitlora.model.hardware import load_hardware

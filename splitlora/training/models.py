@@ -273,6 +273,20 @@ def resolve_source(model_name_or_path: str, gguf_file: str | None = None) -> tup
     return source, ({} if gguf_file is None else {"gguf_file": gguf_file})
 
 
+def load_hf_config(model_name_or_path: str, gguf_file: str | None = None):
+    """The architecture (a transformers config, no weights) of a real model: a named model's shipped
+    ``data/models/<config>.json``, else ``AutoConfig`` of what :func:`resolve_source` finds. Raises as
+    :func:`resolve_source`."""
+    from transformers import AutoConfig
+
+    from splitlora.model.profile import load_model_config
+
+    if str(model_name_or_path).lower() in NAMED_MODELS and gguf_file is None:
+        return load_model_config(NAMED_MODELS[str(model_name_or_path).lower()]["config"])
+    source, extra = resolve_source(model_name_or_path, gguf_file)
+    return AutoConfig.from_pretrained(source, **extra)
+
+
 def load_tokenizer(model_name_or_path: str, gguf_file: str | None = None):
     """The tokenizer of a real model (as :func:`resolve_source` finds it), with a pad token (EOS if it has none)
     and right padding."""

@@ -90,6 +90,8 @@ BAD = {
     "dist.checkpoint_dir": [5, "", True],
     "dist.resume": ["no", 0],
     "dist.checkpoints": ["no", "yes", 1],
+    "hardware": [5, "", True, "no-such-hardware.yaml"],
+    "server": [5, "", "H200"],
     "dist.secret_file": [5, "", True],
     "dist.output_dir": [5, "", True],
     "dist.device": ["gpu"],

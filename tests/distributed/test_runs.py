@@ -50,6 +50,9 @@ def test_two_processes_equal_in_process_with_card(tmp_path):
     done.set()
     watcher.join(10)
     assert codes == {0: 0, 1: 0}, cl.logs()
+    out = Path(cfg["dist"]["output_dir"])
+    assert "[splitlora] run complete: 2 rounds, 4 mini-batches of 1 devices; smashed-data up-link" in cl.logs()
+    assert f"adapter written to {out / 'adapter'}" in cl.logs()
     if shutil.which("ss"):  # the store and both gloo endpoints listen on loopback only
         assert listening and all(a.startswith("127.0.0.1:") for a in listening), listening
     logs, _ = assert_same_as_in_process(cfg)

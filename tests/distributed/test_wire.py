@@ -113,7 +113,7 @@ def test_config_validation_and_fingerprint(tmp_path):
                       ({"train": {"lr_": 3}}, r"train\.lr_ is invalid: .*'lr'")]:
         with pytest.raises(ValueError, match=msg):
             config.config_from_dict(base_config(tmp_path, **over))
-    for over, msg in [({"devices": ["Device 9"]}, r"device='Device 9' is invalid: must be one of"),
+    for over, msg in [({"devices": ["Device 9"]}, r"devices='Device 9' is invalid: must be one of"),
                       ({"model": {"hiden_size": 8}}, r"model\.hiden_size is invalid: .*'hidden_size'"),
                       ({"lora": {"rr": 8}}, r"lora\.rr is invalid: .*'r'"),
                       ({"card_scenario": {"schedule": "pipelind"}}, r"schedule='pipelind' is invalid"),
