@@ -55,12 +55,14 @@ def run_summary(server: Server) -> str:
             f"{server.out / 'adapter'}")
 
 
-def dry_run(cfg: RunConfig) -> "pandas.DataFrame":
+def dry_run(cfg: RunConfig):
     """The plan of a run without starting it: per round and device, the channel state and rate, the cut layer (and
     CARD's cut for ``card_scenario``'s model), the server clock CARD picks for it, and the model's predicted delay
     (s) and server energy (J) of the device's turn. Loads no model weights (only configurations).
 
     With ``link.rate_source: measured`` CARD later sees measured rates: the plan shows the model's rates.
+    Returns: a pandas DataFrame, one row per (round, device): round, device, device_name, channel_state,
+        rate_mbps, cut_layer (trained model), planning_cut, clock_ghz (0: server idle), delay_s, energy_j.
     Raises: InvalidParameterError for an invalid configuration (:func:`check_run_config`).
     """
     import pandas as pd
