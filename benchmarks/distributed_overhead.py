@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import secrets
 import statistics
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 
 from splitlora.distributed.launch import free_port
+from splitlora.distributed.wire import SECRET_ENV
 
 USED_FILES = ["splitlora/distributed.py", "splitlora/wire.py", "splitlora/run_config.py", "splitlora/training.py",
               "splitlora/split.py", "splitlora/models.py", "benchmarks/distributed_overhead.py"]
@@ -48,13 +50,14 @@ def _run_distributed(cfg: dict, workdir: Path, timeout_s: float = 900, threads: 
     from splitlora.paths import REPO_ROOT
 
     cfg = {**cfg, "dist": {**cfg.get("dist", {}), "port": free_port(), "output_dir": str(workdir / "out"),
-                           "timeout_s": 120, "startup_timeout_s": 300}}
+                           "timeout_s": 120, "join_timeout_s": 150, "startup_timeout_s": 300}}
     path = workdir / "run.json"
     path.write_text(json.dumps(cfg))
     world = len(cfg["devices"]) + 1
+    secret = secrets.token_hex(32)  # the run's shared secret (docs/distributed.md, "Security")
     procs = [subprocess.Popen([sys.executable, "-m", "splitlora.distributed", "--config", str(path)], cwd=REPO_ROOT,
                               env={**os.environ, "RANK": str(r), "WORLD_SIZE": str(world), "PYTHONWARNINGS": "ignore",
-                                   "OMP_NUM_THREADS": str(threads)},
+                                   "OMP_NUM_THREADS": str(threads), SECRET_ENV: secret},
                               stdout=subprocess.DEVNULL, stderr=open(workdir / f"rank{r}.log", "w"))
              for r in range(world)]
     deadline = time.monotonic() + timeout_s

@@ -111,7 +111,7 @@ def _append_jsonl(path: Path, rows: list) -> None:
 def _read_jsonl(path: Path, n: int, ckpt: Path) -> list:
     """The first ``n`` lines of ``path`` (lines after them were appended after the last checkpoint)."""
     try:
-        lines = path.read_text().split("\n")[:n] if n else []
+        lines = path.read_text().splitlines()[:n]
         rows = [json.loads(x) for x in lines]
     except (OSError, ValueError) as err:
         raise InvalidParameterError(f"checkpoint {str(ckpt)!r} is invalid: {path.name} cannot be read ({err}); "

