@@ -16,7 +16,7 @@ from splitlora.errors import InvalidParameterError
 from splitlora.model.card import Decision, card, exhaustive_search
 from splitlora.model.system import CostModel, check_weight
 
-_BISECTIONS = 64
+_BISECTIONS = 44
 
 
 def _round_inputs(model: CostModel, P, Ru, Rd, M):
@@ -43,23 +43,31 @@ def _stages(model: CostModel, P, Ru, Rd):
     return tuple(a.reshape(shape + (model.n_cuts + 1,)) for a in (t_d, t_l, t_h))
 
 
-def _need_hz(model: CostModel, t_d, t_l, t_h, cycles, tau):
-    """Smallest clock share with which a device finishes by ``tau`` (Hz), broadcasting; inf if none does, 0 where
-    the server has no work (device-only) and the device alone finishes in time. Inverse of
-    :meth:`CostModel.round_delay_s` in T_s."""
-    I = model.iterations
+def _pace(model: CostModel, t_d, t_l, t_h):
+    """A device's finish time as T(f) = max(A1 + k1 C / f, A2 + k2 C / f) (:meth:`CostModel.round_delay_s` written
+    as two lines in 1 / f): (A1, k1, A2, k2), broadcasting (s, -, s, -). Sequential: A = I (T_d + T_l) + T_h and
+    k = I twice; pipelined: A1 = T_d + T_l + T_h, k1 = I (the server paces) and A2 = A1 + (I - 1) max(T_d, T_l),
+    k2 = 1 (the device or link does)."""
+    I = float(model.iterations)
+    if model.pipelined:
+        A1 = t_d + t_l + t_h
+        return A1, I, A1 + (I - 1) * np.maximum(t_d, t_l), 1.0
+    A = I * (t_d + t_l) + t_h
+    return A, I, A, I
+
+
+def _need_hz(pace, cycles, tau):
+    """Smallest clock share (Hz) with which a device of ``pace`` (:func:`_pace`) and ``cycles`` per mini-batch
+    finishes by ``tau`` (s), broadcasting; inf if none does; 0 where it has no server work and finishes in time.
+    Also returns k of the binding line (for dU/dtau)."""
+    A1, k1, A2, k2 = pace
     C = np.asarray(cycles, dtype=float)
     with np.errstate(divide="ignore", invalid="ignore"):
-        if model.pipelined:
-            A = t_d + t_l + t_h
-            m = np.maximum(t_d, t_l)
-            server_bound = tau >= A + I * m
-            slack = np.where(server_bound, (tau - A) / I, tau - A - (I - 1) * m)
-        else:
-            slack = (tau - I * (t_d + t_l) - t_h) / I
-        need = np.where(slack > 0, C / slack, np.inf)
-    idle_ok = (C == 0) & (slack >= 0)
-    return np.where(C == 0, np.where(idle_ok, 0.0, np.inf), need)
+        s1, s2 = tau - A1, tau - A2
+        n1 = np.where(s1 > 0, k1 * C / s1, np.inf)
+        n2 = np.where(s2 > 0, k2 * C / s2, np.inf)
+    need = np.where(C > 0, np.maximum(n1, n2), np.where((s1 >= 0) & (s2 >= 0), 0.0, np.inf))
+    return need, np.where(n1 >= n2, k1, k2)
 
 
 def allocate(model: CostModel, cut_layer, t_d, t_l, t_h, t_ref, e_ref, w: float, *, discrete_clocks: bool = False):
@@ -81,64 +89,60 @@ def allocate(model: CostModel, cut_layer, t_d, t_l, t_h, t_ref, e_ref, w: float,
     c = np.asarray(cut_layer)
     C = model.server_cycles[c]
     I, kappa, F = model.iterations, model.kappa, model.f_max_hz
-    t_ref = np.asarray(t_ref, dtype=float)[:, None]
-    e_ref = np.asarray(e_ref, dtype=float)[:, None]
+    t_ref = np.asarray(t_ref, dtype=float)
+    e_ref = np.asarray(e_ref, dtype=float)
+    pace = _pace(model, t_d, t_l, t_h)
 
-    def cost(f):
+    def cost(f):  # U of shares f (K, M, ...) on the last axis or the middle one
         T = model.round_delay_s(t_d, t_l, t_h, np.where(C > 0, C / np.where(f > 0, f, 1.0), 0.0)).max(-1)
-        E = (I * kappa * C * f ** 2).sum(-1)
-        return w * T / t_ref[:, 0] + (1 - w) * E / e_ref[:, 0]
+        E = model.energy_j(I * C, f).sum(-1)
+        return w * T / t_ref + (1 - w) * E / e_ref
 
     if discrete_clocks:
         step = float(model.clocks_hz[1] - model.clocks_hz[0]) if len(model.clocks_hz) > 1 else F
-        levels = step * np.arange(1, int(np.floor(F / step + 1e-9)) + 1)                  # (K,)
-        cand = model.round_delay_s(t_d[..., None], t_l[..., None], t_h[..., None],
-                                   np.where(C[..., None] > 0, C[..., None] / levels, 0.0))  # (N, M, K)
-        cand = cand.reshape(c.shape[0], -1)                                                  # (N, M K)
-        need = _need_hz(model, t_d[:, :, None], t_l[:, :, None], t_h[:, :, None], C[:, :, None],
-                        cand[:, None, :] * (1 + 1e-12))                                      # (N, M, MK)
-        f = np.ceil(np.round(need / step, 9)) * step
-        f = np.where(need > 0, np.maximum(f, step), 0.0)
+        levels = step * np.arange(1, int(np.floor(F / step + 1e-9)) + 1)                  # (Kf,)
+        x = lambda a: a[..., None]  # noqa: E731
+        cand = np.maximum(x(pace[0]) + x(pace[1] * C) / levels, x(pace[2]) + x(pace[3] * C) / levels)
+        cand = np.where(x(C) > 0, cand, x(pace[2])).reshape(c.shape[0], -1)                # (K, M Kf) deadlines
+        need, _ = _need_hz(tuple(x(p) if np.ndim(p) else p for p in pace), x(C), cand[:, None, :] * (1 + 1e-12))
+        f = np.where(need > 0, np.maximum(np.ceil(np.round(need / step, 9)) * step, step), 0.0)   # (K, M, M Kf)
         ok = np.all(f <= F * (1 + 1e-12), axis=1) & (f.sum(1) <= F * (1 + 1e-9))
         fs = np.where(np.isfinite(f), f, 0.0)
-        T = model.round_delay_s(t_d[..., None], t_l[..., None], t_h[..., None],
-                                np.where(C[..., None] > 0, C[..., None] / np.where(fs > 0, fs, 1.0), 0.0)).max(1)
-        E = (I * kappa * C[..., None] * fs ** 2).sum(1)
-        U = np.where(ok, w * T / t_ref + (1 - w) * E / e_ref, np.inf)                       # (N, MK)
+        T = np.max(np.maximum(x(pace[0]) + x(pace[1] * C) / np.where(fs > 0, fs, 1.0),
+                              x(pace[2]) + x(pace[3] * C) / np.where(fs > 0, fs, 1.0)) * (x(C) > 0)
+                   + x(np.where(C > 0, 0.0, pace[2])), axis=1)
+        E = model.energy_j(I * x(C), fs).sum(1)
+        U = np.where(ok, w * T / x(t_ref) + (1 - w) * E / x(e_ref), np.inf)                # (K, M Kf)
         j = U.argmin(1)
         rows = np.arange(c.shape[0])
         return np.where(c < model.n_cuts, fs[rows, :, j], 0.0), U[rows, j]
 
-    k = np.full(C.shape, float(I))
-    lo = model.round_delay_s(t_d, t_l, t_h, np.where(C > 0, C / F, 0.0)).max(-1)            # every device at f_max
+    lo = np.max(np.where(C > 0, np.maximum(pace[0] + pace[1] * C / F, pace[2] + pace[3] * C / F), pace[2]), -1)
     hi = np.maximum(lo, 1.0) * 1e9
     for _ in range(_BISECTIONS):
-        tau = np.sqrt(lo * hi) if np.all(lo > 0) else 0.5 * (lo + hi)
-        need = _need_hz(model, t_d, t_l, t_h, C, tau[:, None])
-        if model.pipelined:
-            A, m = t_d + t_l + t_h, np.maximum(t_d, t_l)
-            k = np.where(tau[:, None] >= A + I * m, float(I), 1.0)
+        tau = np.sqrt(lo * hi)
+        need, k = _need_hz(pace, C, tau[:, None])
         feasible = np.all(need <= F, axis=-1) & (need.sum(-1) <= F)
-        slope = w / t_ref[:, 0] - (1 - w) / e_ref[:, 0] * (2 * kappa * (I / k) * np.where(np.isfinite(need), need, 0.0) ** 3).sum(-1)
+        slope = w / t_ref - (1 - w) / e_ref * (2 * kappa * (I / k) * np.where(need < np.inf, need, 0.0) ** 3).sum(-1)
         right = feasible & (slope >= 0)
         hi = np.where(right, tau, hi)
         lo = np.where(right, lo, tau)
-    f = _need_hz(model, t_d, t_l, t_h, C, hi[:, None])
+    f, _ = _need_hz(pace, C, hi[:, None])
     f = np.where(C > 0, np.minimum(f, F), 0.0)
     total = f.sum(-1)
     f = f * np.where(total > F, F / np.where(total > F, total, 1.0), 1.0)[:, None]          # rounding guard
-    feasible = np.isfinite(hi) & np.all(np.isfinite(_need_hz(model, t_d, t_l, t_h, C, hi[:, None])), axis=-1)
-    return f, np.where(feasible, cost(f), np.inf)
+    return f, cost(f)
 
 
 def card_parallel(model: CostModel, device_flops_per_s, rate_up_bps, rate_down_bps, memory_bytes, w: float, *,
                   discrete_clocks: bool = False, max_sweeps: int = 8) -> Decision:
     """CARD for the parallel schedules: each round's cut layers and clock shares (docs/model.md "Parallel schedule").
 
-    Upper layer: coordinate descent over the devices of a round from three starts (every device server-only, every
-    device at its largest cut that fits, every device at its best cut with an equal share); each step tries all
-    cut layers of one device with the others fixed, each with its optimal allocation (:func:`allocate`), and keeps
-    the best; sweeps stop when no device changes. Checked against :func:`exhaustive_parallel` (tests/model).
+    Upper layer: coordinate descent over the devices of a round, started from each device's best cut with the
+    others server-only; each step tries all cut layers of one device with the others fixed, each with its optimal
+    allocation (:func:`allocate`), and keeps the best; sweeps stop when no device changes. With discrete clocks the
+    descent continues from there with the discrete allocation (trials whose continuous optimum is no better than
+    the incumbent are skipped: the discrete one cannot be better). Checked against :func:`exhaustive_parallel` (tests/model).
 
     Args:
         model: a :class:`CostModel` with schedule "parallel" or "parallel-pipelined" and static_power_w = 0.
@@ -161,54 +165,84 @@ def card_parallel(model: CostModel, device_flops_per_s, rate_up_bps, rate_down_b
     t_d, t_l, t_h = _stages(model, P, Ru, Rd)                                   # (N, M, L+1)
     t_ref, e_ref = model.parallel_references(P, Ru, Rd)
     fits = model.device_memory_bytes[None, None, :] <= Mem[..., None]           # (N, M, L+1)
-    round_ok = fits.any(-1).all(-1)
     cuts = np.arange(L + 1)
+    dev = np.arange(Md)
 
-    def solve(c):  # c (N, B, M) -> shares (N, B, M), U (N, B)
-        B = c.shape[1]
-        sel = lambda a: np.take_along_axis(np.repeat(a[:, None], B, 1), c[..., None], -1)[..., 0]  # noqa: E731
-        f, U = allocate(model, c.reshape(N * B, Md), sel(t_d).reshape(N * B, Md), sel(t_l).reshape(N * B, Md),
-                        sel(t_h).reshape(N * B, Md), np.repeat(t_ref, B), np.repeat(e_ref, B), w,
-                        discrete_clocks=discrete_clocks)
-        U = np.where(np.take_along_axis(np.repeat(fits[:, None], B, 1), c[..., None], -1)[..., 0].all(-1),
-                     U.reshape(N, B), np.inf)
-        return f.reshape(N, B, Md), U
+    def solve(rows, c, discrete):  # rounds (K,), cuts (K, M) -> shares (K, M), U (K,)
+        sel = lambda a: a[rows[:, None], dev, c]  # noqa: E731
+        f, U = allocate(model, c, sel(t_d), sel(t_l), sel(t_h), t_ref[rows], e_ref[rows], w, discrete_clocks=discrete)
+        return f, np.where(sel(fits).all(-1), U, np.inf)
 
-    largest = np.where(fits, cuts, -1).max(-1).clip(0)                          # (N, M)
-    # a device's best cut with an equal share and the others server-only: evaluated device by device
-    starts = [np.zeros((N, Md), dtype=np.int64), largest]
-    equal = np.zeros((N, Md), dtype=np.int64)
-    for m in range(Md):
-        c = np.zeros((N, L + 1, Md), dtype=np.int64)
-        c[:, :, m] = cuts
-        _, U = solve(c)
-        equal[:, m] = U.argmin(1)
-    starts.append(equal)
-    best_c, best_U = None, None
-    for c0 in starts:
-        c = c0.copy()
-        _, U = solve(c[:, None])
-        U = U[:, 0]
-        for _ in range(max_sweeps):
+    def trials(c, m):  # every cut of device m, the others as in c: rows (N (L+1),), cuts (N (L+1), M)
+        t = np.repeat(c[:, None], L + 1, 1)
+        t[:, :, m] = cuts
+        return np.repeat(np.arange(N), L + 1), t.reshape(-1, Md)
+
+    def descend(c, U, discrete, sweeps):
+        for _ in range(sweeps):
             changed = np.zeros(N, dtype=bool)
             for m in range(Md):
-                trial = np.repeat(c[:, None], L + 1, 1)
-                trial[:, :, m] = cuts
-                _, Ut = solve(trial)
+                rows, t = trials(c, m)
+                Ut = np.full(len(rows), np.inf)
+                if discrete:  # a discrete allocation is never better than the continuous one: try only those below U
+                    Uc = solve(rows, t, False)[1]
+                    try_ = Uc < U[rows] * (1 - 1e-12)
+                    if try_.any():
+                        Ut[try_] = solve(rows[try_], t[try_], True)[1]
+                else:
+                    Ut = solve(rows, t, False)[1]
+                Ut = Ut.reshape(N, L + 1)
                 j = Ut.argmin(1)
-                better = Ut[np.arange(N), j] < U * (1 - 1e-12)
+                u = Ut[np.arange(N), j]
+                better = u < U * (1 - 1e-12)
                 c[:, m] = np.where(better, j, c[:, m])
-                U = np.where(better, Ut[np.arange(N), j], U)
+                U = np.where(better, u, U)
                 changed |= better
             if not changed.any():
                 break
-        if best_c is None:
-            best_c, best_U = c, U
-        else:
-            take = U < best_U
-            best_c, best_U = np.where(take[:, None], c, best_c), np.where(take, U, best_U)
-    f, U = solve(best_c[:, None])
-    return _decision(model, best_c, f[:, 0], P, Ru, Rd, t_ref, e_ref, w, round_ok & np.isfinite(U[:, 0]))
+        return c, U
+
+    every = np.arange(N)
+    start = _deadline_sweep(model, t_d, t_l, t_h, fits, t_ref, e_ref, w)
+    U0 = np.full(N, np.inf)
+    for c0 in start:  # the best of the sweep's candidates, each with its exact allocation
+        u = solve(every, c0, False)[1]
+        take = u < U0
+        U0 = np.where(take, u, U0)
+        start[0] = np.where(take[:, None], c0, start[0])
+    start = start[0]
+    c, U = descend(start.copy(), U0, False, max_sweeps)
+    if discrete_clocks:
+        c, U = descend(c, solve(every, c, True)[1], True, max_sweeps)
+    f, U = solve(every, c, discrete_clocks)
+    return _decision(model, c, f, P, Ru, Rd, t_ref, e_ref, w, fits.any(-1).all(-1) & np.isfinite(U))
+
+
+def _deadline_sweep(model, t_d, t_l, t_h, fits, t_ref, e_ref, w, n_grid: int = 64, keep: int = 3):
+    """Starting cuts of parallel CARD: for deadlines tau on a geometric grid from the fastest feasible round to
+    T_ref / w (beyond it U > 1, worse than the reference), each device's cut with the least energy that finishes by
+    tau (separable while the shares fit under f_max); the ``keep`` deadlines with the smallest U.
+    Returns a list of ``keep`` cut arrays (N, M)."""
+    N = t_d.shape[0]
+    L, I = model.n_cuts, model.iterations
+    C = np.broadcast_to(model.server_cycles, t_d.shape)
+    fast = np.where(fits, model.round_delay_s(t_d, t_l, t_h, np.where(C > 0, C / model.f_max_hz, 0.0)), np.inf)
+    lo = fast.min(-1).max(-1)                                                           # (N,)
+    lo = np.where(np.isfinite(lo) & (lo > 0), lo, 1.0)                                  # infeasible rounds: any
+    hi = np.maximum(t_ref / max(w, 1e-12), lo * (1 + 1e-9))
+    taus = lo[:, None] * (hi / lo)[:, None] ** np.linspace(0, 1, n_grid)[None, :]        # (N, G)
+    taus = taus * (1 + 1e-12)
+    pace = _pace(model, t_d[:, None], t_l[:, None], t_h[:, None])
+    need, _ = _need_hz(pace, C[:, None], taus[:, :, None, None])                         # (N, G, M, L+1)
+    ok = fits[:, None] & (need <= model.f_max_hz)
+    energy = np.where(ok, model.energy_j(I * C[:, None], np.where(ok, need, 0.0)), np.inf)
+    c = energy.argmin(-1)                                                               # (N, G, M)
+    e_best = np.take_along_axis(energy, c[..., None], -1)[..., 0]
+    f_best = np.take_along_axis(need, c[..., None], -1)[..., 0]
+    U = w * taus / t_ref[:, None] + (1 - w) * e_best.sum(-1) / e_ref[:, None]
+    U = np.where(np.isfinite(e_best).all(-1) & (f_best.sum(-1) <= model.f_max_hz), U, np.inf)
+    order = np.argsort(U, axis=1)[:, :keep]
+    return [np.take_along_axis(c, order[:, k, None, None], 1)[:, 0] for k in range(min(keep, n_grid))]
 
 
 def _decision(model, c, f, P, Ru, Rd, t_ref, e_ref, w, ok) -> Decision:
