@@ -18,7 +18,7 @@ from splitlora.model.hardware import (CHANNEL_STATES, ChannelSpec, DeviceSpec, S
                                       load_devices, load_server)
 from splitlora.model.profile import ModelProfile, load_model_config, profile_model, t5_lora_minibatch_memory_bytes
 from splitlora.model.scenario import Scenario, channel_states
-from splitlora.model.system import CostModel, Workload, objective
+from splitlora.model.system import SCHEDULES, CostModel, Workload, objective
 
 __version__ = "0.1.0"
 
@@ -67,5 +67,5 @@ __all__ = [
     "exhaustive_search", "optimal_frequency_hz", "card_parallel", "card_rounds", "exhaustive_rounds", "Scenario", "channel_states", "save_figure", "save_table",
     "save_text", "CHANNEL_STATES", "ChannelSpec", "DeviceSpec", "ServerSpec", "load_channel", "load_device",
     "load_devices", "load_server", "ModelProfile", "load_model_config", "profile_model",
-    "t5_lora_minibatch_memory_bytes", "CostModel", "Workload", "objective", "__version__", *_WHERE,
+    "t5_lora_minibatch_memory_bytes", "SCHEDULES", "CostModel", "Workload", "objective", "__version__", *_WHERE,
 ]

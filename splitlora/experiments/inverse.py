@@ -31,14 +31,14 @@ SPACE = {
 
 def sample_parameters(n_samples: int, seed: int = 0, n_cuts: int = 32) -> pd.DataFrame:
     """``n_samples`` draws of the unknowns (one row each), seeded. Continuous ones uniform (bandwidth log-uniform);
-    fixed_cut uniform over 0..L and "memory limit"."""
+    fixed_cut "memory limit" (each device's largest cut that fits) with probability 1/2, else uniform over 0..L."""
     V.check_int_range("n_samples", n_samples, 1, 10**6)
     rng = np.random.default_rng(seed)
     pick = lambda k: [SPACE[k][i] for i in rng.integers(0, len(SPACE[k]), n_samples)]  # noqa: E731
-    cuts = [str(c) for c in range(n_cuts + 1)] + ["memory limit"]
     out = {k: pick(k) for k in ("schedule", "precision", "benchmark_set", "averaging", "steps_per_round",
                                 "batch_size", "seq_len")}
-    out["fixed_cut"] = [cuts[i] for i in rng.integers(0, len(cuts), n_samples)]
+    index = rng.integers(0, n_cuts + 1, n_samples)
+    out["fixed_cut"] = [str(i) if m else "memory limit" for i, m in zip(index, rng.random(n_samples) < 0.5)]
     for k in ("w", "device_utilisation", "snr_normal_db", "snr_spread_db"):
         out[k] = rng.uniform(*SPACE[k], n_samples)
     lo, hi = np.log(SPACE["bandwidth_mhz"])
