@@ -15,7 +15,7 @@ from splitlora import _validate as V
 from splitlora.experiments.analytic import _rounds
 from splitlora.model.card import card
 from splitlora.model.fleet import draw_fleet
-from splitlora.model.hardware import load_channel, load_devices
+from splitlora.model.hardware import load_channel
 from splitlora.model.scenario import Scenario, channel_states
 
 MODELS = ("llama-3.2-1b", "qwen2.5-7b", "llama-3.1-8b", "llama-3.1-70b")
@@ -69,7 +69,7 @@ def memory_table(scenario: Scenario | None = None, models=MODELS, channel_state:
     server_weights_cut0_gb (frozen weights the server holds at c = 0; the cost model does not check server memory).
     """
     scenario = Scenario() if scenario is None else scenario
-    specs = load_devices()
+    specs = scenario.hardware_profiles().devices
     names = tuple(specs)
     rows = []
     for m in models:

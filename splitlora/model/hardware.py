@@ -19,6 +19,8 @@ from splitlora.errors import InvalidParameterError
 from splitlora.paths import DATA_DIR
 
 CHANNEL_STATES = ("Good", "Normal", "Poor")
+#: Arithmetic precisions of the device-side workload (docs/model.md "Compute").
+PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 @dataclass(frozen=True)
@@ -33,8 +35,11 @@ class DeviceSpec:
         utilisation: sustained fraction eta_d of peak FLOP/s (-).
         memory_bytes: total (CPU/GPU shared) memory (byte).
         memory_reserve_bytes: part of it held by the OS and CUDA runtime (byte).
-        sustained_flops_per_s: measured or vendor-stated sustained FLOP/s; when given it is P_d and the datasheet
-            numbers (cuda_cores, gpu_max_clock_hz, utilisation) are not used (a phone, an NPU) (FLOP/s).
+        fp16_peak_flops: dense FP16 peak at f_d (FLOP/s): tensor cores (Volta, Ampere) or double-rate FP16 CUDA
+            cores (Maxwell, Pascal); 0 if unknown.
+        bf16_supported: whether the GPU has BF16 units (Ampere tensor cores); without them bf16 runs at the fp32 peak.
+        given_flops_per_s: measured or vendor-stated sustained FLOP/s as ((precision or "any", FLOP/s), ...); when
+            given it is P_d and the datasheet numbers are not used (a phone, an NPU).
     Source: data/hardware.yaml (datasheet URLs there), docs/model.md "Compute" and "Your own hardware".
     """
 
@@ -45,7 +50,9 @@ class DeviceSpec:
     utilisation: float
     memory_bytes: float
     memory_reserve_bytes: float
-    sustained_flops_per_s: float | None = None
+    fp16_peak_flops: float = 0.0
+    bf16_supported: bool = False
+    given_flops_per_s: tuple = ()
 
     @property
     def flops_per_cycle(self) -> float:
@@ -54,11 +61,38 @@ class DeviceSpec:
 
     @property
     def flops_per_s(self) -> float:
-        """Sustained compute P_d = eta_d g_d f_d, or ``sustained_flops_per_s`` when given (FLOP/s), docs/model.md
-        "Compute"."""
-        if self.sustained_flops_per_s is not None:
-            return self.sustained_flops_per_s
-        return self.utilisation * self.flops_per_cycle * self.gpu_max_clock_hz
+        """Sustained fp32 compute P_d (FLOP/s): :meth:`sustained_flops_per_s` of "fp32"."""
+        return self.sustained_flops_per_s("fp32")
+
+    def peak_flops(self, precision: str = "fp32") -> float:
+        """Peak FLOP/s for ``precision`` in :data:`PRECISIONS` (docs/model.md "Compute"): fp32 g_d f_d; fp16 the
+        FP16 peak; bf16 the FP16 peak where the GPU has BF16 units, else the fp32 peak.
+
+        Raises: InvalidParameterError for an unknown precision, or fp16/bf16 without a known FP16 peak.
+        """
+        V.check_choice("precision", precision, PRECISIONS)
+        fp32 = self.flops_per_cycle * self.gpu_max_clock_hz
+        if precision == "fp32" or (precision == "bf16" and not self.bf16_supported):
+            return fp32
+        if self.fp16_peak_flops <= 0:
+            raise InvalidParameterError(f"precision={precision!r} is invalid for {self.board}: no fp16_peak_flops in "
+                                        "data/hardware.yaml (use 'fp32')")
+        return self.fp16_peak_flops
+
+    def sustained_flops_per_s(self, precision: str = "fp32") -> float:
+        """P_d = eta_d x :meth:`peak_flops` (FLOP/s), or the given sustained FLOP/s of ``precision`` (or of "any")
+        where the profile states it; ``flops_per_s`` is the fp32 case.
+
+        Raises: InvalidParameterError for a precision the profile gives no number for.
+        """
+        V.check_choice("precision", precision, PRECISIONS)
+        given = dict(self.given_flops_per_s)
+        if given:
+            if precision not in given and "any" not in given:
+                raise InvalidParameterError(f"precision={precision!r} is invalid for {self.board}: its flops_per_s "
+                                            f"gives only {sorted(given)}")
+            return given.get(precision, given.get("any"))
+        return self.utilisation * self.peak_flops(precision)
 
     @property
     def training_memory_bytes(self) -> float:
@@ -72,8 +106,9 @@ class DeviceSpec:
             ValueError: compute_scale not finite and > 0.
         """
         V.check_positive("compute_scale", compute_scale)
-        sustained = None if self.sustained_flops_per_s is None else self.sustained_flops_per_s * compute_scale
-        return replace(self, gpu_max_clock_hz=self.gpu_max_clock_hz * compute_scale, sustained_flops_per_s=sustained)
+        return replace(self, gpu_max_clock_hz=self.gpu_max_clock_hz * compute_scale,
+                       fp16_peak_flops=self.fp16_peak_flops * compute_scale,
+                       given_flops_per_s=tuple((k, v * compute_scale) for k, v in self.given_flops_per_s))
 
 
 @dataclass(frozen=True)
@@ -256,7 +291,8 @@ def _v(entry):
 
 SHIPPED_HARDWARE = DATA_DIR / "hardware.yaml"
 _DEVICE_KEYS = {"board", "cuda_cores", "gpu_max_clock_hz", "utilisation", "memory_bytes", "memory_reserve_bytes",
-                "flops_per_s"}
+                "flops_per_s",
+                "fp16_peak_flops", "bf16_supported"}
 _SERVER_KEYS = {"board", "cuda_cores", "flops_per_cycle", "gpu_min_clock_hz", "gpu_max_clock_hz", "gpu_clock_step_hz",
                 "clocks_hz", "board_power_w", "kappa", "measured_power_w", "measured_clock_hz", "static_power_w",
                 "memory_bytes", "utilisation"}
@@ -332,6 +368,17 @@ def _device(where: str, name: str, d: dict, eta: float) -> DeviceSpec:
     _require(where, d, ("memory_bytes",))
     _require(where, d, ("flops_per_s",), ("cuda_cores", "gpu_max_clock_hz"))
     has = lambda k: k in d  # noqa: E731
+    given = ()
+    if has("flops_per_s"):
+        raw = d["flops_per_s"]
+        if isinstance(raw, dict) and "value" not in raw:  # per precision: {fp32: ..., fp16: ...}
+            bad = sorted(set(raw) - set(PRECISIONS))
+            if bad or not raw:
+                raise InvalidParameterError(f"{where}.flops_per_s has precisions {bad or '{}'}: must be among "
+                                            f"{list(PRECISIONS)}")
+            given = tuple((k, _number(f"{where}.flops_per_s", raw, k)) for k in raw)
+        else:
+            given = (("any", _number(where, d, "flops_per_s")),)
     return DeviceSpec(
         name=name, board=str(_v(d.get("board", name))),
         cuda_cores=int(_number(where, d, "cuda_cores")) if has("cuda_cores") else 0,
@@ -340,7 +387,8 @@ def _device(where: str, name: str, d: dict, eta: float) -> DeviceSpec:
         memory_bytes=_number(where, d, "memory_bytes"),
         memory_reserve_bytes=_number(where, d, "memory_reserve_bytes", allow_zero=True) if has("memory_reserve_bytes")
         else 0.0,
-        sustained_flops_per_s=_number(where, d, "flops_per_s") if has("flops_per_s") else None)
+        fp16_peak_flops=_number(where, d, "fp16_peak_flops", allow_zero=True) if has("fp16_peak_flops") else 0.0,
+        bf16_supported=bool(_v(d.get("bf16_supported", False))), given_flops_per_s=given)
 
 
 def _server(where: str, s: dict, eta: float) -> ServerSpec:

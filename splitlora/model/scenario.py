@@ -12,7 +12,7 @@ import numpy as np
 
 from splitlora import _validate as V
 from splitlora.errors import InvalidParameterError
-from splitlora.model.hardware import CHANNEL_STATES, DeviceSpec, Hardware, load_channel, load_hardware
+from splitlora.model.hardware import CHANNEL_STATES, PRECISIONS, DeviceSpec, Hardware, load_channel, load_hardware
 from splitlora.model.profile import GRANULARITIES, load_model_config, profile_model
 from splitlora.model.system import SCHEDULES, CostModel, Workload, check_weight
 
@@ -32,10 +32,13 @@ class Scenario:
         devices: device profile keys ("Device 5") or boards ("Jetson Nano 4GB") of data/hardware.yaml (and of
             ``hardware``), served one after another each round; stored as profile keys.
         compute_scale: multiplies every device's clock (sensitivity), > 0.
+        schedule: "sequential" (the paper, as reconstructed), "pipelined", "parallel" or "parallel-pipelined"
+            (docs/model.md "Schedules").
+        precision: arithmetic of the devices' training, "fp32" (FP32 CUDA-core peak, the default), "fp16" or "bf16"
+            (tensor-core peaks where the board has them; docs/model.md "Compute").
         server: server profile key or board (None: the file's default_server, the paper's RTX 4060 Ti).
         hardware: path of the user's hardware YAML merged over the shipped profiles (docs/model.md "Your own
             hardware"), or None.
-        schedule: "sequential" (the paper, as reconstructed) or "pipelined" (extension; docs/model.md).
     Raises:
         ValueError: any field out of range, naming it.
     """
@@ -53,6 +56,7 @@ class Scenario:
     devices: tuple = DEVICE_NAMES
     compute_scale: float = 1.0
     schedule: str = "sequential"
+    precision: str = "fp32"
     server: str | None = None
     hardware: str | None = None
 
@@ -67,6 +71,7 @@ class Scenario:
         check_weight(self.w)
         V.check_positive("compute_scale", self.compute_scale)
         V.check_choice("schedule", self.schedule, SCHEDULES)
+        V.check_choice("precision", self.precision, PRECISIONS)
         if isinstance(self.devices, (str, bytes)):
             raise InvalidParameterError(f"devices={self.devices!r} is invalid: must be a list of device names, e.g. "
                                         f"[{self.devices!r}]")
@@ -106,10 +111,12 @@ class Scenario:
                                       Workload(self.steps_per_round, schedule=self.schedule))
 
     def device_arrays(self, names=None):
-        """(P_d FLOP/s, M_d byte) arrays of shape (M,) for the scenario's devices (or ``names``: keys or boards)."""
+        """(P_d FLOP/s at the scenario's precision, M_d byte) arrays of shape (M,) for the scenario's devices (or
+        ``names``: keys or boards)."""
         hw = self.hardware_profiles()
         ds = [hw.device(n).scaled(self.compute_scale) for n in (names or self.devices)]
-        return np.array([d.flops_per_s for d in ds]), np.array([d.training_memory_bytes for d in ds])
+        return (np.array([d.sustained_flops_per_s(self.precision) for d in ds]),
+                np.array([d.training_memory_bytes for d in ds]))
 
     def parameters(self) -> dict:
         """The fields as a JSON-serialisable dict (for provenance)."""

@@ -101,3 +101,17 @@ def test_missing_hardware_file_and_unknown_names(tmp_path):
         Scenario(server="H200")
     with pytest.raises(InvalidParameterError, match=r"devices='Device 1' is invalid: must be a list"):
         Scenario(devices="Device 1")
+
+
+def test_sustained_flops_per_precision_from_the_user_file(tmp_path):
+    path = tmp_path / "npu.yaml"
+    path.write_text(yaml.safe_dump({"devices": {"NPU": {"flops_per_s": {"fp32": 1e12, "fp16": 4e12},
+                                                        "memory_bytes": 8e9}}}))
+    for precision, want in (("fp32", 1e12), ("fp16", 4e12)):
+        P, _ = Scenario(hardware=str(path), devices=("NPU",), precision=precision).device_arrays()
+        assert P[0] == want
+    with pytest.raises(InvalidParameterError, match=r"precision='bf16' is invalid for NPU: its flops_per_s gives only"):
+        Scenario(hardware=str(path), devices=("NPU",), precision="bf16").device_arrays()
+    path.write_text(yaml.safe_dump({"devices": {"NPU": {"flops_per_s": {"int8": 1e12}, "memory_bytes": 8e9}}}))
+    with pytest.raises(InvalidParameterError, match=r"flops_per_s has precisions \['int8'\]: must be among"):
+        load_hardware(path)
