@@ -11,6 +11,7 @@ from importlib import import_module
 
 from splitlora.errors import SplitLoRAError
 from splitlora.experiments.figures import save_figure, save_table, save_text
+from splitlora.experiments.parameters import notebook_parameters
 from splitlora.model.baselines import POLICIES, evaluate_policy, run_policies
 from splitlora.model.card import Decision, best_clock_hz, card, exhaustive_search, optimal_frequency_hz
 from splitlora.model.parallel import card_parallel, card_rounds, exhaustive_rounds
@@ -63,7 +64,7 @@ def __dir__():
 
 
 __all__ = [
-    "SplitLoRAError", "POLICIES", "evaluate_policy", "run_policies", "Decision", "best_clock_hz", "card",
+    "SplitLoRAError", "notebook_parameters", "POLICIES", "evaluate_policy", "run_policies", "Decision", "best_clock_hz", "card",
     "exhaustive_search", "optimal_frequency_hz", "card_parallel", "card_rounds", "exhaustive_rounds", "Scenario", "channel_states", "save_figure", "save_table",
     "save_text", "CHANNEL_STATES", "ChannelSpec", "DeviceSpec", "ServerSpec", "load_channel", "load_device",
     "load_devices", "load_server", "ModelProfile", "load_model_config", "profile_model",
