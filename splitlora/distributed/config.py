@@ -372,13 +372,26 @@ def _check_lora_section(lora: dict) -> None:
     _check_lora_config(lc)
 
 
-def _check_data(data: str | None) -> None:
-    if data is None or data in (SYNTHETIC_GSM8K, SHIPPED_GSM8K):
+def _check_data(cfg: RunConfig) -> None:
+    """``data`` exists and holds the M x K x B records the devices take (each line checked: JSON, UTF-8, length)."""
+    from splitlora.paths import GSM8K_DIR
+    from splitlora.training.data import validate_jsonl
+
+    data = cfg.data
+    if data is None or data == SYNTHETIC_GSM8K:
         return
     p = Path(data).expanduser()
-    if not (p.is_file() or (p / "train.jsonl").is_file()):
+    if data == SHIPPED_GSM8K and not p.exists():
+        p = GSM8K_DIR
+    f = p / "train.jsonl" if p.is_dir() else p
+    if not f.is_file():
         raise InvalidParameterError(f"data={data!r} is invalid: must be {SYNTHETIC_GSM8K!r}, {SHIPPED_GSM8K!r}, an "
                                     "existing GSM8K-format .jsonl file or a folder holding train.jsonl (no such file)")
+    need = cfg.num_devices * cfg.batches_per_device * cfg.batch_size
+    n = validate_jsonl(f)
+    if n < need:
+        raise InvalidParameterError(f"data={data!r} is invalid: holds {n} records, must hold {need} (devices x "
+                                    "batches_per_device x batch_size)")
 
 
 def check_run_config(cfg: RunConfig) -> None:
@@ -397,7 +410,7 @@ def check_run_config(cfg: RunConfig) -> None:
             Scenario(**cfg.card_scenario)
         except InvalidParameterError as err:
             raise InvalidParameterError(f"card_scenario.{err}") from None
-    _check_data(cfg.data)
+    _check_data(cfg)
     units = model_units(cfg)
     if units is not None:
         L, max_pos = units

@@ -190,3 +190,14 @@ def test_yaml_booleans_still_accepted(tmp_path):
     cfg = config.load_config(p, check=True)
     assert cfg.link.emulate is False and cfg.dist.resume is True
     assert not math.isnan(cfg.w)
+
+
+@pytest.mark.parametrize("content,msg", [(b"", "holds no record"), (b"\n \n", "holds no record"),
+                                         (b'{"question": "caf\xe9", "answer": "1"}\n', "not UTF-8"),
+                                         (b'{"question": "q", "answer": "1"}\n' * 3, "holds 3 records, must hold 4")])
+def test_data_file_contents_checked_before_start(tmp_path, monkeypatch, capsys, content, msg):
+    """A data file that exists but cannot feed the run (2 x 2 records needed) is refused before start too."""
+    data = tmp_path / "train.jsonl"
+    data.write_bytes(content)
+    rc, err = _check_before_start(tmp_path, monkeypatch, _with("data", str(data)), capsys)
+    assert rc == 2 and msg in err and str(data) in err, err
