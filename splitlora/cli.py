@@ -72,11 +72,17 @@ def main(argv=None) -> int:
     e = sub.add_parser("env", help="print versions and usable GPU backends")
     e.set_defaults(func=_env)
     args = p.parse_args(argv)
+    return reporting_invalid(lambda: args.func(args), f"splitlora {args.command}")
+
+
+def reporting_invalid(run, prog: str) -> int:
+    """``run()``'s exit code; a bad configuration or parameter (InvalidParameterError, a missing file) is printed
+    as one line ``<prog>: error: <key>=<value> is invalid: must be ...`` on stderr, without a traceback, and gives
+    exit code 2."""
     try:
-        return args.func(args)
+        return run()
     except (InvalidParameterError, FileNotFoundError, IsADirectoryError) as err:
-        # a bad configuration or parameter: one line naming the key, its value and what is allowed (no traceback)
-        print(f"splitlora {args.command}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        print(f"{prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
 
 

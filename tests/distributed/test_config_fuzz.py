@@ -201,3 +201,15 @@ def test_data_file_contents_checked_before_start(tmp_path, monkeypatch, capsys, 
     data.write_bytes(content)
     rc, err = _check_before_start(tmp_path, monkeypatch, _with("data", str(data)), capsys)
     assert rc == 2 and msg in err and str(data) in err, err
+
+
+def test_a_role_started_by_torchrun_reports_one_line_too(tmp_path):
+    """``python -m splitlora.distributed`` (what torchrun starts) exits 2 with one line, before it joins anything."""
+    import sys
+
+    p = tmp_path / "run.yaml"
+    p.write_text(yaml.safe_dump(_with("dist.timeout_s", "20")))
+    r = subprocess.run([sys.executable, "-m", "splitlora.distributed", "--config", str(p), "--rank", "0",
+                        "--world-size", "2"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "dist.timeout_s='20' is invalid: must be a number" in r.stderr
