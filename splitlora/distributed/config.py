@@ -8,6 +8,7 @@ import hashlib
 import inspect
 import json
 import math
+import numbers
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -31,11 +32,11 @@ LIMITS = {"batch_size": 4096, "seq_len": 131072, "batches_per_device": 100_000, 
 
 # ------------------------------------------------------------------------------- typed value checks
 def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def check_int(name: str, v, lo: int, hi: int) -> None:
