@@ -407,6 +407,9 @@ def check_run_config(cfg: RunConfig) -> None:
     _check_lora_section(cfg.lora)
     if cfg.card_scenario is not None:
         _check_keys("card_scenario", cfg.card_scenario)
+        for f in fields(Scenario):
+            if isinstance(f.default, bool) and f.name in cfg.card_scenario:
+                check_bool(f"card_scenario.{f.name}", cfg.card_scenario[f.name])
         try:
             Scenario(**cfg.card_scenario)
         except InvalidParameterError as err:

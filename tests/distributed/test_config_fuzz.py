@@ -74,7 +74,8 @@ BAD = {
     "steps_per_round": [0, 10**9, "1"],
     "cut": [10, -1, "3", [[1]], [[1], [9]], 1.5, True, "cards"],
     "w": [2, -0.1, "0.5", NAN, True, None],
-    "card_scenario": ["paper", {"wieght": 1}, {"schedule": "pipelind"}, {"w": 2}, [1]],
+    "card_scenario": ["paper", {"wieght": 1}, {"schedule": "pipelind"}, {"w": 2}, [1], {"w": "0.5"},
+                      {"discrete_clocks": "no"}, {"batch_size": "2"}, {"devices": "Device 1"}],
     "link": ["Normal", None],
     "link.condition": ["Bad", 1],
     "link.seed": ["0", -1, 1.5],
@@ -95,7 +96,7 @@ BAD = {
     "dist.timout_s": [3],
 }
 # what the error names when the field's leaf name is not enough (a check inside a helper names the argument)
-NAMED = {"devices": r"device", "model.hiden_size": r"hiden_size", "card_scenario": r"card_scenario|schedule|w="}
+NAMED = {"devices": r"device", "model.hiden_size": r"hiden_size", "card_scenario": r"card_scenario"}
 
 
 def _with(key: str, value) -> dict:
