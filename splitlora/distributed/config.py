@@ -66,7 +66,8 @@ def check_text(name: str, v, *, optional: bool = False) -> None:
     if v is None and optional:
         return
     if not isinstance(v, str) or not v.strip():
-        raise InvalidParameterError(f"{name}={v!r} is invalid: must be a non-empty string{' or null' if optional else ''}")
+        raise InvalidParameterError(f"{name}={v!r} is invalid: must be a non-empty string"
+                                    f"{' or null' if optional else ''}")
 
 
 @dataclass(frozen=True)
@@ -188,7 +189,8 @@ class RunConfig:
             raise InvalidParameterError(f"card_scenario={self.card_scenario!r} is invalid: must be a mapping or null")
         for k, t in (("train", SplitTrainConfig), ("link", LinkConfig), ("dist", DistConfig)):
             if not isinstance(getattr(self, k), t):
-                raise InvalidParameterError(f"{k}={getattr(self, k)!r} is invalid: must be a mapping of {t.__name__} fields")
+                raise InvalidParameterError(f"{k}={getattr(self, k)!r} is invalid: must be a mapping of "
+                                            f"{t.__name__} fields")
         if self.data is not None and (not isinstance(self.data, str) or not self.data.strip()):
             raise InvalidParameterError(f"data={self.data!r} is invalid: must be None, {SYNTHETIC_GSM8K!r} or a GSM8K-format "
                              "JSONL path")
@@ -197,7 +199,8 @@ class RunConfig:
                                         "data/hardware.yaml, one per device rank, e.g. ['Device 1']")
         object.__setattr__(self, "devices", tuple(self.devices))
         if not 1 <= len(self.devices) <= LIMITS["devices"]:
-            raise InvalidParameterError(f"devices={list(self.devices)!r} is invalid: must name 1 to {LIMITS['devices']} devices")
+            raise InvalidParameterError(f"devices={list(self.devices)!r} is invalid: must name 1 to "
+                                        f"{LIMITS['devices']} devices")
         check_number("w", self.w, 0.0, 1.0)
         if isinstance(self.cut, str):
             check_choice("cut", self.cut, ("card",))
@@ -418,7 +421,8 @@ def check_run_config(cfg: RunConfig) -> None:
     units = model_units(cfg)
     if units is not None:
         L, max_pos = units
-        cuts = [cfg.cut] if isinstance(cfg.cut, int) else [c for r in cfg.cut for c in r] if not isinstance(cfg.cut, str) else []
+        cuts = ([] if isinstance(cfg.cut, str) else [cfg.cut] if _is_int(cfg.cut)
+                else [c for r in cfg.cut for c in r])
         for c in cuts:
             if not 0 <= c <= L:
                 raise InvalidParameterError(f"cut={cfg.cut!r} is invalid: must be cut layers in [0, {L}] (L = {L} "
@@ -436,7 +440,8 @@ def load_config(path, check: bool = False) -> RunConfig:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise InvalidParameterError(f"config={str(path)!r} is invalid: not YAML/JSON ({err})".replace("\n", " ")) from None
+        msg = " ".join(str(err).split())
+        raise InvalidParameterError(f"config={str(path)!r} is invalid: not YAML/JSON ({msg})") from None
     if raw is None:
         raise InvalidParameterError(f"config={str(path)!r} is invalid: the file is empty; must hold RunConfig fields "
                                     "(see data/runs/distributed.yaml)")

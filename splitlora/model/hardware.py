@@ -97,7 +97,8 @@ class ServerSpec:
     def __post_init__(self):
         if isinstance(self.cuda_cores, bool) or not isinstance(self.cuda_cores, (int, np.integer)) \
                 or not 1 <= self.cuda_cores <= 10**7:
-            raise InvalidParameterError(f"cuda_cores={self.cuda_cores!r} is invalid: must be an integer in [1, 10000000]")
+            raise InvalidParameterError(f"cuda_cores={self.cuda_cores!r} is invalid: must be an integer in "
+                                        "[1, 10000000]")
         V.check_positive("f_min_hz", self.f_min_hz)
         V.check_positive("f_max_hz", self.f_max_hz)
         V.check_order("f_min_hz", self.f_min_hz, "f_max_hz", self.f_max_hz)

@@ -124,8 +124,9 @@ def _check_lora_config(lora_config) -> None:
                          "must be None (split training adapts LoRA parameters only)")
     init = getattr(lora_config, "init_lora_weights", True)
     if init not in (True, False, "gaussian"):
-        raise InvalidParameterError(f"lora_config.init_lora_weights={init!r} is invalid: must be True, False or 'gaussian' "
-                                    "(data- or SVD-based initialisations rewrite the base weights the two sides share)")
+        raise InvalidParameterError(f"lora_config.init_lora_weights={init!r} is invalid: must be True, False or "
+                                    "'gaussian' (data- or SVD-based initialisations rewrite the base weights the two "
+                                    "sides share)")
     # every other option must keep its default: each changes the model (layer_replication, target_parameters,
     # lora_bias, quantisation-aware variants, activated LoRA, ...) in ways the export or the split does not carry
     from peft import LoraConfig
