@@ -49,7 +49,7 @@ def check_number(name: str, value) -> None:
 
 
 def check_finite(name: str, value) -> None:
-    """Raise ValueError if ``value`` (scalar or array) is not numeric (:func:`check_number`) or contains NaN or +-inf."""
+    """Raise ValueError if ``value`` (scalar or array) is not numeric (:func:`check_number`) or holds NaN or +-inf."""
     check_number(name, value)
     arr = np.asarray(value, dtype=float)
     if not np.all(np.isfinite(arr)):

@@ -73,13 +73,19 @@ def main(argv=None) -> int:
     e = sub.add_parser("env", help="print versions and usable GPU backends")
     e.set_defaults(func=_env)
     args = p.parse_args(argv)
+    return reporting_invalid(lambda: args.func(args), f"splitlora {args.command}", debug=args.debug)
+
+
+def reporting_invalid(run, prog: str, debug: bool = False) -> int:
+    """``run()``'s exit code; a bad configuration or parameter (InvalidParameterError, a missing file) is printed
+    as one line ``<prog>: error: <key>=<value> is invalid: must be ...`` on stderr, without a traceback, and gives
+    exit code 2; with ``debug`` it is raised (full traceback)."""
     try:
-        return args.func(args)
+        return run()
     except (InvalidParameterError, FileNotFoundError, IsADirectoryError) as err:
-        if args.debug:
+        if debug:
             raise
-        # a bad configuration or parameter: one line naming the key, its value and what is allowed (no traceback)
-        print(f"splitlora {args.command}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        print(f"{prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
 
 

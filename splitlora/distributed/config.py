@@ -8,6 +8,7 @@ import hashlib
 import inspect
 import json
 import math
+import numbers
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -31,11 +32,11 @@ LIMITS = {"batch_size": 4096, "seq_len": 131072, "batches_per_device": 100_000, 
 
 # ------------------------------------------------------------------------------- typed value checks
 def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def check_int(name: str, v, lo: int, hi: int) -> None:
@@ -65,7 +66,8 @@ def check_text(name: str, v, *, optional: bool = False) -> None:
     if v is None and optional:
         return
     if not isinstance(v, str) or not v.strip():
-        raise InvalidParameterError(f"{name}={v!r} is invalid: must be a non-empty string{' or null' if optional else ''}")
+        raise InvalidParameterError(f"{name}={v!r} is invalid: must be a non-empty string"
+                                    f"{' or null' if optional else ''}")
 
 
 @dataclass(frozen=True)
@@ -213,7 +215,8 @@ class RunConfig:
             raise InvalidParameterError(f"card_scenario={self.card_scenario!r} is invalid: must be a mapping or null")
         for k, t in (("train", SplitTrainConfig), ("link", LinkConfig), ("dist", DistConfig)):
             if not isinstance(getattr(self, k), t):
-                raise InvalidParameterError(f"{k}={getattr(self, k)!r} is invalid: must be a mapping of {t.__name__} fields")
+                raise InvalidParameterError(f"{k}={getattr(self, k)!r} is invalid: must be a mapping of "
+                                            f"{t.__name__} fields")
         if self.data is not None and (not isinstance(self.data, str) or not self.data.strip()):
             raise InvalidParameterError(f"data={self.data!r} is invalid: must be None, {SYNTHETIC_GSM8K!r} or a GSM8K-format "
                              "JSONL path")
@@ -222,7 +225,8 @@ class RunConfig:
                                         "data/hardware.yaml, one per device rank, e.g. ['Device 1']")
         object.__setattr__(self, "devices", tuple(self.devices))
         if not 1 <= len(self.devices) <= LIMITS["devices"]:
-            raise InvalidParameterError(f"devices={list(self.devices)!r} is invalid: must name 1 to {LIMITS['devices']} devices")
+            raise InvalidParameterError(f"devices={list(self.devices)!r} is invalid: must name 1 to "
+                                        f"{LIMITS['devices']} devices")
         check_number("w", self.w, 0.0, 1.0)
         check_text("hardware", self.hardware, optional=True)
         check_text("server", self.server, optional=True)
@@ -408,13 +412,26 @@ def _check_lora_section(lora: dict) -> None:
     _check_lora_config(lc)
 
 
-def _check_data(data: str | None) -> None:
-    if data is None or data in (SYNTHETIC_GSM8K, SHIPPED_GSM8K):
+def _check_data(cfg: RunConfig) -> None:
+    """``data`` exists and holds the M x K x B records the devices take (each line checked: JSON, UTF-8, length)."""
+    from splitlora.paths import GSM8K_DIR
+    from splitlora.training.data import validate_jsonl
+
+    data = cfg.data
+    if data is None or data == SYNTHETIC_GSM8K:
         return
     p = Path(data).expanduser()
-    if not (p.is_file() or (p / "train.jsonl").is_file()):
+    if data == SHIPPED_GSM8K and not p.exists():
+        p = GSM8K_DIR
+    f = p / "train.jsonl" if p.is_dir() else p
+    if not f.is_file():
         raise InvalidParameterError(f"data={data!r} is invalid: must be {SYNTHETIC_GSM8K!r}, {SHIPPED_GSM8K!r}, an "
                                     "existing GSM8K-format .jsonl file or a folder holding train.jsonl (no such file)")
+    need = cfg.num_devices * cfg.batches_per_device * cfg.batch_size
+    n = validate_jsonl(f)
+    if n < need:
+        raise InvalidParameterError(f"data={data!r} is invalid: holds {n} records, must hold {need} (devices x "
+                                    "batches_per_device x batch_size)")
 
 
 def check_run_config(cfg: RunConfig) -> None:
@@ -431,15 +448,19 @@ def check_run_config(cfg: RunConfig) -> None:
     _check_lora_section(cfg.lora)
     if cfg.card_scenario is not None:
         _check_keys("card_scenario", cfg.card_scenario)
+        for f in fields(Scenario):
+            if isinstance(f.default, bool) and f.name in cfg.card_scenario:
+                check_bool(f"card_scenario.{f.name}", cfg.card_scenario[f.name])
         try:
             planning_scenario(cfg)
         except InvalidParameterError as err:
             raise InvalidParameterError(f"card_scenario.{err}") from None
-    _check_data(cfg.data)
+    _check_data(cfg)
     units = model_units(cfg)
     if units is not None:
         L, max_pos = units
-        cuts = [cfg.cut] if isinstance(cfg.cut, int) else [c for r in cfg.cut for c in r] if not isinstance(cfg.cut, str) else []
+        cuts = ([] if isinstance(cfg.cut, str) else [cfg.cut] if _is_int(cfg.cut)
+                else [c for r in cfg.cut for c in r])
         for c in cuts:
             if not 0 <= c <= L:
                 raise InvalidParameterError(f"cut={cfg.cut!r} is invalid: must be cut layers in [0, {L}] (L = {L} "
@@ -512,7 +533,8 @@ def load_config(path, check: bool = False, overrides: dict | None = None) -> Run
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise InvalidParameterError(f"config={str(path)!r} is invalid: not YAML/JSON ({err})".replace("\n", " ")) from None
+        msg = " ".join(str(err).split())
+        raise InvalidParameterError(f"config={str(path)!r} is invalid: not YAML/JSON ({msg})") from None
     if raw is None:
         raise InvalidParameterError(f"config={str(path)!r} is invalid: the file is empty; must hold RunConfig fields "
                                     "(see data/runs/distributed.yaml)")

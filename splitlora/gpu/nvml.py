@@ -133,8 +133,8 @@ class NVMLBackend(GPUClockBackend):
         if self.previous_lock_mhz is not None:
             return self.previous_lock_mhz
         nv = self._nvml
-        getter = next((g for g in ("nvmlDeviceGetCurrentClocksEventReasons", "nvmlDeviceGetCurrentClocksThrottleReasons")
-                       if hasattr(nv, g)), None)
+        getter = next((g for g in ("nvmlDeviceGetCurrentClocksEventReasons",
+                                   "nvmlDeviceGetCurrentClocksThrottleReasons") if hasattr(nv, g)), None)
         try:
             reasons = int(self._call(getter, self._handle)) if getter else 0
         except NotSupportedError:

@@ -247,8 +247,8 @@ def _check_hub_id(source: str, gguf_file: str | None) -> None:
         raise OSError(f"model_name_or_path={source!r} is invalid: no such folder, and not a Hub id ('org/name' of "
                       "letters, digits, '-', '_', '.')") from None
     if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(source, gguf_file or "config.json"), str):
-        raise OSError(f"model_name_or_path={source!r} is invalid: no such folder, and the Hub id is not in the HF cache "
-                      "(HF_HUB_OFFLINE is set)")
+        raise OSError(f"model_name_or_path={source!r} is invalid: no such folder, and the Hub id is not in the HF "
+                      "cache (HF_HUB_OFFLINE is set)")
 
 
 def resolve_source(model_name_or_path: str, gguf_file: str | None = None) -> tuple[str, dict]:

@@ -7,6 +7,7 @@ as ordinary peft training of the unsplit model. Source: docs/split-training.md, 
 from __future__ import annotations
 
 import copy
+import numbers
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -62,9 +63,9 @@ class SplitTrainConfig:
         check_positive("weight_decay", self.weight_decay, allow_zero=True)
         b = self.betas
         if (not isinstance(b, (tuple, list)) or len(b) != 2
-                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < 1 for x in b)):
+                or not all(isinstance(x, numbers.Real) and not isinstance(x, bool) and 0 <= x < 1 for x in b)):
             raise InvalidParameterError(f"betas={b!r} is invalid: must be two numbers in [0, 1) (AdamW)")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or self.seed < 0:
             raise InvalidParameterError(f"seed={self.seed!r} is invalid: must be an integer >= 0")
         for k in ("send_attention_mask", "progress"):
             if not isinstance(getattr(self, k), bool):
@@ -123,8 +124,9 @@ def _check_lora_config(lora_config) -> None:
                          "must be None (split training adapts LoRA parameters only)")
     init = getattr(lora_config, "init_lora_weights", True)
     if init not in (True, False, "gaussian"):
-        raise InvalidParameterError(f"lora_config.init_lora_weights={init!r} is invalid: must be True, False or 'gaussian' "
-                                    "(data- or SVD-based initialisations rewrite the base weights the two sides share)")
+        raise InvalidParameterError(f"lora_config.init_lora_weights={init!r} is invalid: must be True, False or "
+                                    "'gaussian' (data- or SVD-based initialisations rewrite the base weights the two "
+                                    "sides share)")
     # every other option must keep its default: each changes the model (layer_replication, target_parameters,
     # lora_bias, quantisation-aware variants, activated LoRA, ...) in ways the export or the split does not carry
     from peft import LoraConfig

@@ -74,7 +74,8 @@ BAD = {
     "steps_per_round": [0, 10**9, "1"],
     "cut": [10, -1, "3", [[1]], [[1], [9]], 1.5, True, "cards"],
     "w": [2, -0.1, "0.5", NAN, True, None],
-    "card_scenario": ["paper", {"wieght": 1}, {"schedule": "pipelind"}, {"w": 2}, [1]],
+    "card_scenario": ["paper", {"wieght": 1}, {"schedule": "pipelind"}, {"w": 2}, [1], {"w": "0.5"},
+                      {"discrete_clocks": "no"}, {"batch_size": "2"}, {"devices": "Device 1"}],
     "link": ["Normal", None],
     "link.condition": ["Bad", 1],
     "link.seed": ["0", -1, 1.5],
@@ -99,7 +100,7 @@ BAD = {
     "dist.timout_s": [3],
 }
 # what the error names when the field's leaf name is not enough (a check inside a helper names the argument)
-NAMED = {"devices": r"device", "model.hiden_size": r"hiden_size", "card_scenario": r"card_scenario|schedule|w="}
+NAMED = {"devices": r"device", "model.hiden_size": r"hiden_size", "card_scenario": r"card_scenario"}
 
 
 def _with(key: str, value) -> dict:
@@ -194,3 +195,26 @@ def test_yaml_booleans_still_accepted(tmp_path):
     cfg = config.load_config(p, check=True)
     assert cfg.link.emulate is False and cfg.dist.resume is True
     assert not math.isnan(cfg.w)
+
+
+@pytest.mark.parametrize("content,msg", [(b"", "holds no record"), (b"\n \n", "holds no record"),
+                                         (b'{"question": "caf\xe9", "answer": "1"}\n', "not UTF-8"),
+                                         (b'{"question": "q", "answer": "1"}\n' * 3, "holds 3 records, must hold 4")])
+def test_data_file_contents_checked_before_start(tmp_path, monkeypatch, capsys, content, msg):
+    """A data file that exists but cannot feed the run (2 x 2 records needed) is refused before start too."""
+    data = tmp_path / "train.jsonl"
+    data.write_bytes(content)
+    rc, err = _check_before_start(tmp_path, monkeypatch, _with("data", str(data)), capsys)
+    assert rc == 2 and msg in err and str(data) in err, err
+
+
+def test_a_role_started_by_torchrun_reports_one_line_too(tmp_path):
+    """``python -m splitlora.distributed`` (what torchrun starts) exits 2 with one line, before it joins anything."""
+    import sys
+
+    p = tmp_path / "run.yaml"
+    p.write_text(yaml.safe_dump(_with("dist.timeout_s", "20")))
+    r = subprocess.run([sys.executable, "-m", "splitlora.distributed", "--config", str(p), "--rank", "0",
+                        "--world-size", "2"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "dist.timeout_s='20' is invalid: must be a number" in r.stderr

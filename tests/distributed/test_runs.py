@@ -136,9 +136,9 @@ def test_launch_local_replaces_a_busy_port_and_stops_devices_when_the_server_fai
     t0 = time.monotonic()
     codes = launch.launch_local(write_config(tmp_path, other), extra_env={"OMP_NUM_THREADS": "1"}, timeout_s=120,
                            log_path=tmp_path / "fail.log")
-    assert codes[0] == 1 and codes[1] == -signal.SIGKILL and time.monotonic() - t0 < 60
+    assert codes[0] == 2 and codes[1] == -signal.SIGKILL and time.monotonic() - t0 < 60
     assert "made with another version or configuration" in (tmp_path / "fail.log").read_text()
-    assert "the server exited with code 1: stopping the devices" in capfd.readouterr().err
+    assert "the server exited with code 2: stopping the devices" in capfd.readouterr().err
 
 
 def test_nccl_path_with_a_gloo_stand_in_equals_in_process(tmp_path):
