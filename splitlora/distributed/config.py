@@ -101,10 +101,10 @@ class DistConfig:
     """Where and how the roles talk (not part of the training fingerprint).
 
     addr: address the server binds and devices connect to; loopback unless you name one ["127.0.0.1"].
-    port: TCP port of the server's store (not torchrun's rendezvous port) [29500].
+    port: TCP port the server listens on for devices (not torchrun's rendezvous port) [29500].
     timeout_s: longest wait for one message inside a turn (s) [60]. join_timeout_s: how long the server waits
-    for a failed device to rejoin before skipping it (s); must exceed ``timeout_s`` [90]. startup_timeout_s: wait for a device's first join
-    (s) [300]. idle_timeout_s: a device's wait for its next turn (s) [3600]. retries: attempts after a failed
+    for a failed device to rejoin before skipping it (s); must exceed ``timeout_s`` [90]. startup_timeout_s:
+    wait for a device's first join (s) [300]. idle_timeout_s: a device's wait for its next turn (s) [3600]. retries: attempts after a failed
     turn [1]. checkpoint_dir: folder of ``server.pt`` (+ ``server.logs.jsonl``, ``server.events.jsonl``) /
     ``device<m>.pt``; None = ``<output_dir>/checkpoint`` [None]. resume: load an existing checkpoint at start
     [True]. output_dir: where the server writes ``adapter.pt``, ``logs.json``, ``events.json`` and the PEFT

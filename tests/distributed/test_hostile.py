@@ -191,7 +191,7 @@ def test_hostile_message_fails_the_turn_and_never_reaches_the_optimiser(name, tm
     assert re.search(error, failed[0]["error"]), failed[0]["error"]
     # the pair was closed: the device rejoined at once, not after its own timeout_s, and the retry trained
     rejoin = [e for e in _events(server, "joined") if e["gen"] == 2]
-    assert rejoin and rejoin[0]["time"] - failed[0]["time"] < TIMEOUT_S / 2, server.events
+    assert rejoin and rejoin[0]["time"] - failed[0]["time"] < 0.8 * TIMEOUT_S, server.events
     _assert_trained_as_reference(server, result, code, reference)
     # checkpoints by default, the server's logs appended beside a server.pt that does not hold them
     ck = server.out / "checkpoint"
