@@ -13,11 +13,12 @@ from splitlora.errors import SplitLoRAError
 from splitlora.experiments.figures import save_figure, save_table, save_text
 from splitlora.model.baselines import POLICIES, evaluate_policy, run_policies
 from splitlora.model.card import Decision, best_clock_hz, card, exhaustive_search, optimal_frequency_hz
+from splitlora.model.parallel import card_parallel, card_rounds, exhaustive_rounds
 from splitlora.model.hardware import (CHANNEL_STATES, ChannelSpec, DeviceSpec, ServerSpec, load_channel, load_device,
                                       load_devices, load_server)
 from splitlora.model.profile import ModelProfile, load_model_config, profile_model, t5_lora_minibatch_memory_bytes
 from splitlora.model.scenario import Scenario, channel_states
-from splitlora.model.system import CostModel, Workload, objective
+from splitlora.model.system import SCHEDULES, CostModel, Workload, objective
 
 __version__ = "0.1.0"
 
@@ -63,8 +64,8 @@ def __dir__():
 
 __all__ = [
     "SplitLoRAError", "POLICIES", "evaluate_policy", "run_policies", "Decision", "best_clock_hz", "card",
-    "exhaustive_search", "optimal_frequency_hz", "Scenario", "channel_states", "save_figure", "save_table",
+    "exhaustive_search", "optimal_frequency_hz", "card_parallel", "card_rounds", "exhaustive_rounds", "Scenario", "channel_states", "save_figure", "save_table",
     "save_text", "CHANNEL_STATES", "ChannelSpec", "DeviceSpec", "ServerSpec", "load_channel", "load_device",
     "load_devices", "load_server", "ModelProfile", "load_model_config", "profile_model",
-    "t5_lora_minibatch_memory_bytes", "CostModel", "Workload", "objective", "__version__", *_WHERE,
+    "t5_lora_minibatch_memory_bytes", "SCHEDULES", "CostModel", "Workload", "objective", "__version__", *_WHERE,
 ]

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from splitlora import _validate as V
+from splitlora.errors import InvalidParameterError
 from splitlora.model.system import CostModel, check_weight, compute_time_s, device_round_inputs
 
 DEFAULT_CHUNK = 1 << 15
@@ -125,6 +126,7 @@ def best_clock_hz(model: CostModel, cut_layer, device_flops_per_s, rate_up_bps, 
     Raises: ValueError for w outside [0, 1], a cut layer outside 0..L, bad compute or rates.
     """
     check_weight(w)
+    _per_device_schedule(model)
     P, Ru, Rd = device_round_inputs(device_flops_per_s, rate_up_bps, rate_down_bps)
     c = np.broadcast_to(np.asarray(cut_layer).reshape(-1), P.shape)
     V.check_int_range("cut_layer", c, 0, model.n_cuts)
@@ -155,11 +157,19 @@ def card(model: CostModel, device_flops_per_s, rate_up_bps, rate_down_bps, memor
         ValueError: w outside [0, 1], non-positive or NaN compute, rates or memory.
     """
     check_weight(w)
+    _per_device_schedule(model)
     P, Ru, Rd = device_round_inputs(device_flops_per_s, rate_up_bps, rate_down_bps)
     M = np.broadcast_to(np.asarray(memory_bytes, dtype=float).reshape(-1), P.shape)
     parts = [_card_block(model, P[i:i + chunk], Ru[i:i + chunk], Rd[i:i + chunk], M[i:i + chunk], w, discrete_clocks)
              for i in range(0, P.shape[0], chunk)]
     return Decision.concat(parts)
+
+
+def _per_device_schedule(model: CostModel) -> None:
+    """Raise unless the schedule solves each device-round alone (the parallel ones couple a round's devices)."""
+    if model.parallel:
+        raise InvalidParameterError(f"schedule={model.schedule!r} is invalid here: card and exhaustive_search solve "
+                                    "device-rounds alone; use splitlora.model.parallel.card_rounds / exhaustive_rounds")
 
 
 def _card_block(model, P, Ru, Rd, M, w, discrete_clocks):
@@ -212,6 +222,7 @@ def exhaustive_search(model: CostModel, device_flops_per_s, rate_up_bps, rate_do
         :class:`Decision`, arrays of shape (K,).
     """
     check_weight(w)
+    _per_device_schedule(model)
     P, Ru, Rd = device_round_inputs(device_flops_per_s, rate_up_bps, rate_down_bps)
     M = np.broadcast_to(np.asarray(memory_bytes, dtype=float).reshape(-1), P.shape)
     grid = np.asarray(model.clocks_hz if clocks_hz is None else clocks_hz, dtype=float)

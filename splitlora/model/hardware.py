@@ -19,6 +19,8 @@ from splitlora.errors import InvalidParameterError
 from splitlora.paths import DATA_DIR
 
 CHANNEL_STATES = ("Good", "Normal", "Poor")
+#: Arithmetic precisions of the device-side workload (docs/model.md "Compute").
+PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,9 @@ class DeviceSpec:
         utilisation: sustained fraction eta_d of peak FLOP/s (-).
         memory_bytes: total (CPU/GPU shared) memory (byte).
         memory_reserve_bytes: part of it held by the OS and CUDA runtime (byte).
+        fp16_peak_flops: dense FP16 peak at f_d (FLOP/s): tensor cores (Volta, Ampere) or double-rate FP16 CUDA
+            cores (Maxwell, Pascal); 0 if unknown.
+        bf16_supported: whether the GPU has BF16 units (Ampere tensor cores); without them bf16 runs at the fp32 peak.
     Source: data/hardware.yaml (datasheet URLs there), docs/model.md "Compute".
     """
 
@@ -43,6 +48,8 @@ class DeviceSpec:
     utilisation: float
     memory_bytes: float
     memory_reserve_bytes: float
+    fp16_peak_flops: float = 0.0
+    bf16_supported: bool = False
 
     @property
     def flops_per_cycle(self) -> float:
@@ -53,6 +60,25 @@ class DeviceSpec:
     def flops_per_s(self) -> float:
         """Sustained compute P_d = eta_d g_d f_d (FLOP/s), docs/model.md "Compute"."""
         return self.utilisation * self.flops_per_cycle * self.gpu_max_clock_hz
+
+    def peak_flops(self, precision: str = "fp32") -> float:
+        """Peak FLOP/s for ``precision`` in :data:`PRECISIONS` (docs/model.md "Compute"): fp32 g_d f_d; fp16 the
+        FP16 peak; bf16 the FP16 peak where the GPU has BF16 units, else the fp32 peak.
+
+        Raises: InvalidParameterError for an unknown precision, or fp16/bf16 without a known FP16 peak.
+        """
+        V.check_choice("precision", precision, PRECISIONS)
+        fp32 = self.flops_per_cycle * self.gpu_max_clock_hz
+        if precision == "fp32" or (precision == "bf16" and not self.bf16_supported):
+            return fp32
+        if self.fp16_peak_flops <= 0:
+            raise InvalidParameterError(f"precision={precision!r} is invalid for {self.board}: no fp16_peak_flops in "
+                                        "data/hardware.yaml (use 'fp32')")
+        return self.fp16_peak_flops
+
+    def sustained_flops_per_s(self, precision: str = "fp32") -> float:
+        """P_d = eta_d x :meth:`peak_flops` (FLOP/s); ``flops_per_s`` is the fp32 case."""
+        return self.utilisation * self.peak_flops(precision)
 
     @property
     def training_memory_bytes(self) -> float:
@@ -67,7 +93,8 @@ class DeviceSpec:
         """
         V.check_positive("compute_scale", compute_scale)
         return DeviceSpec(self.name, self.board, self.cuda_cores, self.gpu_max_clock_hz * compute_scale,
-                          self.utilisation, self.memory_bytes, self.memory_reserve_bytes)
+                          self.utilisation, self.memory_bytes, self.memory_reserve_bytes,
+                          self.fp16_peak_flops * compute_scale, self.bf16_supported)
 
 
 @dataclass(frozen=True)
@@ -214,7 +241,9 @@ def load_devices(path: Path | None = None) -> dict[str, DeviceSpec]:
         name: DeviceSpec(name=name, board=str(_v(d["board"])), cuda_cores=int(_v(d["cuda_cores"])),
                          gpu_max_clock_hz=float(_v(d["gpu_max_clock_hz"])), utilisation=eta,
                          memory_bytes=float(_v(d["memory_bytes"])),
-                         memory_reserve_bytes=float(_v(d["memory_reserve_bytes"])))
+                         memory_reserve_bytes=float(_v(d["memory_reserve_bytes"])),
+                         fp16_peak_flops=float(_v(d.get("fp16_peak_flops", 0.0))),
+                         bf16_supported=bool(_v(d.get("bf16_supported", False))))
         for name, d in raw["devices"].items()
     }
 

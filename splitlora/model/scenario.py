@@ -12,7 +12,7 @@ import numpy as np
 
 from splitlora import _validate as V
 from splitlora.errors import InvalidParameterError
-from splitlora.model.hardware import CHANNEL_STATES, load_channel, load_devices, load_server
+from splitlora.model.hardware import CHANNEL_STATES, PRECISIONS, load_channel, load_devices, load_server
 from splitlora.model.profile import GRANULARITIES, load_model_config, profile_model
 from splitlora.model.system import SCHEDULES, CostModel, Workload, check_weight
 
@@ -31,7 +31,10 @@ class Scenario:
         discrete_clocks: CARD picks the server clock from the supported-clock table (True) or [f_min, f_max].
         devices: device names from data/hardware.yaml, served one after another each round.
         compute_scale: multiplies every device's clock (sensitivity), > 0.
-        schedule: "sequential" (the paper, as reconstructed) or "pipelined" (extension; docs/model.md).
+        schedule: "sequential" (the paper, as reconstructed), "pipelined", "parallel" or "parallel-pipelined"
+            (docs/model.md "Schedules").
+        precision: arithmetic of the devices' training, "fp32" (FP32 CUDA-core peak, the default), "fp16" or "bf16"
+            (tensor-core peaks where the board has them; docs/model.md "Compute").
     Raises:
         ValueError: any field out of range, naming it.
     """
@@ -49,6 +52,7 @@ class Scenario:
     devices: tuple = DEVICE_NAMES
     compute_scale: float = 1.0
     schedule: str = "sequential"
+    precision: str = "fp32"
 
     def __post_init__(self):
         V.check_choice("granularity", self.granularity, GRANULARITIES)
@@ -61,6 +65,7 @@ class Scenario:
         check_weight(self.w)
         V.check_positive("compute_scale", self.compute_scale)
         V.check_choice("schedule", self.schedule, SCHEDULES)
+        V.check_choice("precision", self.precision, PRECISIONS)
         object.__setattr__(self, "devices", tuple(self.devices))
         known = load_devices()
         for d in self.devices:
@@ -87,7 +92,8 @@ class Scenario:
         """(P_d FLOP/s, M_d byte) arrays of shape (M,) for the scenario's devices (or ``names``)."""
         specs = load_devices()
         ds = [specs[n].scaled(self.compute_scale) for n in (names or self.devices)]
-        return np.array([d.flops_per_s for d in ds]), np.array([d.training_memory_bytes for d in ds])
+        return (np.array([d.sustained_flops_per_s(self.precision) for d in ds]),
+                np.array([d.training_memory_bytes for d in ds]))
 
     def parameters(self) -> dict:
         """The fields as a JSON-serialisable dict (for provenance)."""

@@ -14,7 +14,9 @@ from splitlora import _validate as V
 from splitlora.errors import InvalidParameterError
 from splitlora.model.hardware import ServerSpec
 
-SCHEDULES = ("sequential", "pipelined")
+SCHEDULES = ("sequential", "pipelined", "parallel", "parallel-pipelined")
+#: Schedules where the devices of a round train at the same time and share the server (docs/model.md "Schedules").
+PARALLEL_SCHEDULES = ("parallel", "parallel-pipelined")
 
 
 def compute_time_s(cycles, f_hz):
@@ -45,9 +47,11 @@ class Workload:
             AdamW moments (12), since exact sequential training moves the optimiser state with the adapter (byte).
         label_bytes_per_token: b_y, bytes per label token sent up with the smashed data when c < L (the loss is
             on the server; int64 token ids: 8) (byte).
-        schedule: "sequential" (the paper's setting as reconstructed: device, link and server work one after
-            the other for each mini-batch) or "pipelined" (an extension: the device starts the next mini-batch
-            while the link and the server handle the current one; docs/model.md "Pipelined schedule").
+        schedule: one of :data:`SCHEDULES` (docs/model.md "Schedules"): "sequential" (the paper's setting as
+            reconstructed: devices one after another, and per mini-batch device, link and server one after the
+            other), "pipelined" (the device starts the next mini-batch while the link and the server handle the
+            current one), "parallel" (all devices of a round at once, the server's clock divided among them) or
+            "parallel-pipelined" (both).
     """
 
     steps_per_round: int = 10
@@ -76,7 +80,7 @@ class CostModel:
         device_memory_bytes: Mem_d(c), device memory needed for training (byte), without the runtime reserve.
         kappa: server effective switched capacitance (W/Hz^3); static_power_w: P0 (W).
         f_min_hz, f_max_hz: server clock range (Hz); clocks_hz: supported-clock table (Hz), shape (K_f,).
-        iterations: I (-); schedule: "sequential" or "pipelined" (see :class:`Workload`).
+        iterations: I (-); schedule: one of :data:`SCHEDULES` (see :class:`Workload`).
     Everything is vectorised: per device-round inputs have shape (K,), results (K, L+1) or (K,).
     Build it with :meth:`from_profile`.
     """
@@ -94,6 +98,16 @@ class CostModel:
     clocks_hz: np.ndarray
     iterations: int
     schedule: str = "sequential"
+
+    @property
+    def pipelined(self) -> bool:
+        """Whether each device's mini-batches overlap device, link and server work ("pipelined" schedules)."""
+        return self.schedule in ("pipelined", "parallel-pipelined")
+
+    @property
+    def parallel(self) -> bool:
+        """Whether the devices of a round train at the same time, sharing the server's clock."""
+        return self.schedule in PARALLEL_SCHEDULES
 
     @property
     def n_cuts(self) -> int:
@@ -148,13 +162,14 @@ class CostModel:
         return t_d, t_l, t_h
 
     def round_delay_s(self, t_d, t_l, t_h, t_s):
-        """Round delay from per-mini-batch stage times (s), broadcasting all four arguments.
+        """One device's round delay from its per-mini-batch stage times (s), broadcasting all four arguments.
 
-        sequential: I (T_d + T_l + T_s) + T_handover;
-        pipelined:  (I - 1) max(T_d, T_l, T_s) + (T_d + T_l + T_s) + T_handover (fill and drain once, then the
-        slowest stage sets the pace; docs/model.md "Pipelined schedule").
+        sequential, parallel: I (T_d + T_l + T_s) + T_handover;
+        pipelined, parallel-pipelined: (I - 1) max(T_d, T_l, T_s) + (T_d + T_l + T_s) + T_handover (fill and drain
+        once, then the slowest stage sets the pace; docs/model.md "Pipelined schedule"). Under the parallel
+        schedules this is the time at which the device finishes; the round ends with the last (:meth:`parallel_round`).
         """
-        if self.schedule == "pipelined":
+        if self.pipelined:
             return (self.iterations - 1) * np.maximum(np.maximum(t_d, t_l), t_s) + t_d + t_l + t_s + t_h
         return self.iterations * (t_d + t_l + t_s) + t_h
 
@@ -225,6 +240,55 @@ class CostModel:
         P, Ru, Rd = device_round_inputs(device_flops_per_s, rate_up_bps, rate_down_bps)
         zeros = np.zeros(P.shape, dtype=np.int64)
         return self.evaluate(zeros, np.full(P.shape, self.f_max_hz), P, Ru, Rd)
+
+
+    # --- parallel schedules ---------------------------------------------------------------------
+    def parallel_round(self, cut_layer, f_hz, device_flops_per_s, rate_up_bps, rate_down_bps):
+        """Cost of parallel rounds: every device of a round trains at once with its share of the server clock.
+
+        Device m of round n finishes at T_nm (:meth:`round_delay_s` with T_s = C_s(c) / f_nm); the round ends
+        when the last one does, T_n = max_m T_nm; the server energy is E_n = sum_m I E_s(c_nm, f_nm) (docs/model.md
+        "Parallel schedule"). The shares are coupled: sum_m f_nm <= f_max over the devices with c < L.
+
+        Args:
+            cut_layer: int array (N, M) in 0..L; f_hz: clock shares (N, M) in (0, f_max] where c < L (ignored,
+                reported 0, where c = L) (Hz).
+            device_flops_per_s, rate_up_bps, rate_down_bps: (N, M) (FLOP/s, bit/s).
+        Returns:
+            (round_delay_s (N,), round_energy_j (N,), device_delay_s (N, M), device_energy_j (N, M)).
+        Raises:
+            InvalidParameterError: a cut outside 0..L, a share outside (0, f_max], shares of a round summing above
+            f_max, shapes that differ, bad compute or rates.
+        """
+        c = np.asarray(cut_layer)
+        if c.ndim != 2:
+            raise InvalidParameterError(f"cut_layer has shape {c.shape}: must be (rounds, devices)")
+        V.check_int_range("cut_layer", c, 0, self.n_cuts)
+        c = c.astype(np.int64)
+        f = np.broadcast_to(np.asarray(f_hz, dtype=float), c.shape)
+        active = c < self.n_cuts
+        f = np.where(active, f, 0.0)
+        if np.any(active):
+            V.check_range("f_hz", f[active], np.finfo(float).tiny, self.f_max_hz * (1 + 1e-12))
+        V.check_range("sum of the clock shares of a round", f.sum(1), 0.0, self.f_max_hz * (1 + 1e-9))
+        P, Ru, Rd = (np.broadcast_to(np.asarray(a, dtype=float), c.shape)
+                     for a in (device_flops_per_s, rate_up_bps, rate_down_bps))
+        t_d, t_l, t_h = self.stage_times_s(P.reshape(-1), Ru.reshape(-1), Rd.reshape(-1))
+        rows, flat = np.arange(c.size), c.reshape(-1)
+        T = self.round_delay_s(t_d[rows, flat], t_l[rows, flat], t_h[rows, flat],
+                               self.server_time_s(flat, f.reshape(-1))).reshape(c.shape)
+        E = self.server_energy_j(flat, f.reshape(-1)).reshape(c.shape)
+        return T.max(1), E.sum(1), T, E
+
+    def parallel_references(self, device_flops_per_s, rate_up_bps, rate_down_bps):
+        """Normalisers (T_ref, E_ref) of parallel rounds, each (N,): every device server-only (c = 0) with an equal
+        share f_max / M of the clock (docs/model.md "Parallel schedule"). Inputs (N, M) as :meth:`parallel_round`."""
+        P = np.asarray(device_flops_per_s, dtype=float)
+        if P.ndim != 2:
+            raise InvalidParameterError(f"device_flops_per_s has shape {P.shape}: must be (rounds, devices)")
+        T, E, _, _ = self.parallel_round(np.zeros(P.shape, dtype=np.int64), self.f_max_hz / P.shape[1], P,
+                                         rate_up_bps, rate_down_bps)
+        return T, E
 
 
 def objective(delay_s, energy_j, t_ref_s, e_ref_j, w: float):

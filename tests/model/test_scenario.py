@@ -52,3 +52,23 @@ def test_json_config_profiles_equal_the_transformers_config(name):
                       "device_memory_bytes", "device_lora_params"):
             np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=f"{name} {g} {field}")
         assert a.name == b.name == name
+
+
+def test_precision_selects_the_sourced_peak():
+    """fp32: 2 x CUDA cores x clock; fp16: the sourced FP16 peak; bf16: the FP16 peak only where BF16 units exist."""
+    from splitlora.model.hardware import load_devices
+    specs = load_devices()
+    P32, _ = Scenario(precision="fp32").device_arrays()
+    P16, _ = Scenario(precision="fp16").device_arrays()
+    Pbf, _ = Scenario(precision="bf16").device_arrays()
+    for i, d in enumerate(specs.values()):
+        assert P32[i] == pytest.approx(0.4 * 2 * d.cuda_cores * d.gpu_max_clock_hz, rel=1e-12)
+        assert P16[i] == pytest.approx(0.4 * d.fp16_peak_flops, rel=1e-12)
+        assert Pbf[i] == (P16[i] if d.bf16_supported else P32[i])
+    # Maxwell / Pascal boards: double-rate FP16 on CUDA cores (2 x the fp32 peak); Volta / Ampere: tensor cores (8 x)
+    ratio = P16 / P32
+    np.testing.assert_allclose(ratio[3:], 2.0, rtol=1e-3)
+    assert np.all(ratio[:3] > 7.5)
+    assert [d.bf16_supported for d in specs.values()] == [True, True, False, False, False]
+    with pytest.raises(ValueError, match="precision='int8' is invalid"):
+        Scenario(precision="int8")

@@ -1,0 +1,125 @@
+"""Inverse reproduction: which modelling choices reproduce the paper's Device 1..5 pattern and reductions.
+
+Samples the unknowns (schedule, w, device throughput basis, utilisation, channel, I, B, s, fixed cut, benchmark
+set, averaging rule), checks each sample against the claims C1..C4 and summarises. kappa is not sampled: with
+server-only references it cancels from U (docs/model.md "D2"). Source: docs/model.md, "Inverse reproduction".
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+
+from splitlora import _validate as V
+from splitlora.experiments.analytic import (BENCHMARK_SETS, PAPER_DELAY_REDUCTION, PAPER_ENERGY_REDUCTION, _pattern,
+                                            average_reductions, policy_comparison)
+from splitlora.model.hardware import CHANNEL_STATES, PRECISIONS, ChannelSpec, load_channel
+from splitlora.model.scenario import Scenario
+from splitlora.model.system import SCHEDULES
+
+#: Tolerance of C3 and C4 (reduction within +-5 points of the paper's).
+TOLERANCE = 0.05
+#: The sampled unknowns and their ranges (docs/model.md "Inverse reproduction").
+SPACE = {
+    "schedule": SCHEDULES, "precision": PRECISIONS, "benchmark_set": tuple(BENCHMARK_SETS),
+    "averaging": ("pooled", "per round"), "steps_per_round": (1, 2, 5, 10, 20), "batch_size": (1, 2, 4, 8),
+    "seq_len": (128, 256, 512, 1024), "w": (0.05, 0.95), "device_utilisation": (0.1, 0.6),
+    "bandwidth_mhz": (5.0, 100.0), "snr_normal_db": (0.0, 25.0), "snr_spread_db": (3.0, 15.0),
+}
+
+
+def sample_parameters(n_samples: int, seed: int = 0, n_cuts: int = 32) -> pd.DataFrame:
+    """``n_samples`` draws of the unknowns (one row each), seeded. Continuous ones uniform (bandwidth log-uniform);
+    fixed_cut "memory limit" (each device's largest cut that fits) with probability 1/2, else uniform over 0..L."""
+    V.check_int_range("n_samples", n_samples, 1, 10**6)
+    rng = np.random.default_rng(seed)
+    pick = lambda k: [SPACE[k][i] for i in rng.integers(0, len(SPACE[k]), n_samples)]  # noqa: E731
+    out = {k: pick(k) for k in ("schedule", "precision", "benchmark_set", "averaging", "steps_per_round",
+                                "batch_size", "seq_len")}
+    index = rng.integers(0, n_cuts + 1, n_samples)
+    out["fixed_cut"] = [str(i) if m else "memory limit" for i, m in zip(index, rng.random(n_samples) < 0.5)]
+    for k in ("w", "device_utilisation", "snr_normal_db", "snr_spread_db"):
+        out[k] = rng.uniform(*SPACE[k], n_samples)
+    lo, hi = np.log(SPACE["bandwidth_mhz"])
+    out["bandwidth_mhz"] = np.exp(rng.uniform(lo, hi, n_samples))
+    return pd.DataFrame(out)
+
+
+def sample_scenario(params, base: Scenario | None = None):
+    """(Scenario, (Good, Normal, Poor) rates in bit/s, fixed cut) of one sample's parameters."""
+    base = Scenario() if base is None else base
+    fixed = params["fixed_cut"] if params["fixed_cut"] == "memory limit" else int(params["fixed_cut"])
+    return _scenario(params, base), _rates(params), fixed
+
+
+def _scenario(params, base: Scenario) -> Scenario:
+    return replace(base, schedule=params["schedule"], precision=params["precision"], w=float(params["w"]),
+                   steps_per_round=int(params["steps_per_round"]), batch_size=int(params["batch_size"]),
+                   seq_len=int(params["seq_len"]), compute_scale=float(params["device_utilisation"]) / 0.4)
+
+
+def _rates(params) -> np.ndarray:
+    snr = float(params["snr_normal_db"])
+    spread = float(params["snr_spread_db"])
+    base = load_channel()
+    return ChannelSpec(float(params["bandwidth_mhz"]) * 1e6, dict(zip(CHANNEL_STATES, (snr + spread, snr, snr - spread))),
+                       base.transition).rates_bps()
+
+
+def evaluate_sample(params, base: Scenario | None = None, rounds: int = 10, seed: int = 0) -> dict:
+    """The claims of one sample: CARD's cuts and clocks per device (Normal channel), its reductions against the
+    sample's benchmark set by its averaging rule (Markov channels, ``rounds`` rounds), and C1..C4.
+
+    Returns: {cuts, clocks_ghz, delay_reduction, energy_reduction, c1, c2, c3, c4, accepted, distance}; distance =
+    |delay - 70.8%| + |energy - 53.1%| + 1 per failed C1 / C2 (0 when every claim holds exactly).
+    """
+    sc, rates, fixed = sample_scenario(params, base)
+    pattern = _pattern(sc, rates)
+    c1, c2 = pattern["c1"], pattern["c2"]
+    comp = policy_comparison(sc, rounds=rounds, seed=seed, conditions=("Markov",), fixed_cut=fixed, rates_bps=rates)
+    red = average_reductions(comp, "Markov", BENCHMARK_SETS[params["benchmark_set"]], params["averaging"])
+    d, e = red["delay_reduction"], red["energy_reduction"]
+    c3 = bool(np.isfinite(d) and abs(d - PAPER_DELAY_REDUCTION) <= TOLERANCE)
+    c4 = bool(np.isfinite(e) and abs(e - PAPER_ENERGY_REDUCTION) <= TOLERANCE)
+    dist = (abs(d - PAPER_DELAY_REDUCTION) if np.isfinite(d) else 1.0) + \
+        (abs(e - PAPER_ENERGY_REDUCTION) if np.isfinite(e) else 1.0) + (not c1) + (not c2)
+    return {"cuts": pattern["cuts"], "clocks_ghz": pattern["clocks"],
+            "delay_reduction": d, "energy_reduction": e, "c1": c1, "c2": c2, "c3": c3, "c4": c4,
+            "accepted": c1 and c2 and c3 and c4, "distance": float(dist)}
+
+
+def inverse_reproduction(n_samples: int = 400, seed: int = 0, rounds: int = 10,
+                         base: Scenario | None = None) -> pd.DataFrame:
+    """Every sample of :func:`sample_parameters` with its :func:`evaluate_sample` result, one row each (seeded,
+    deterministic). Columns: the sampled parameters, cuts, clocks_ghz, delay_reduction, energy_reduction, c1..c4,
+    accepted, distance."""
+    base = Scenario() if base is None else base
+    samples = sample_parameters(n_samples, seed, base.cost_model().n_cuts)
+    rows = [{**p, **evaluate_sample(p, base, rounds, seed)} for p in samples.to_dict("records")]
+    return pd.DataFrame(rows)
+
+
+def acceptance(table: pd.DataFrame) -> pd.DataFrame:
+    """Share of samples accepted (and of each claim holding) per schedule and benchmark set."""
+    g = table.groupby(["schedule", "benchmark_set"])
+    out = g[["c1", "c2", "c3", "c4", "accepted"]].mean().add_suffix("_share")
+    return out.assign(samples=g.size()).reset_index()
+
+
+def accepted_ranges(table: pd.DataFrame) -> pd.DataFrame:
+    """Min and max of each continuous parameter over the accepted samples, per schedule."""
+    cont = ["w", "device_utilisation", "bandwidth_mhz", "snr_normal_db", "snr_spread_db"]
+    acc = table[table.accepted]
+    if acc.empty:
+        return pd.DataFrame(columns=["schedule", "parameter", "min", "max"])
+    rows = [{"schedule": s, "parameter": p, "min": float(g[p].min()), "max": float(g[p].max())}
+            for s, g in acc.groupby("schedule") for p in cont]
+    return pd.DataFrame(rows)
+
+
+def closest_sample(table: pd.DataFrame) -> dict:
+    """The parameters of the sample with the smallest distance to all claims (accepted ones first), as a dict."""
+    t = table.sort_values(["accepted", "distance"], ascending=[False, True], kind="stable")
+    row = t.iloc[0]
+    return {k: (row[k].item() if hasattr(row[k], "item") else row[k]) for k in list(SPACE) + ["fixed_cut"]}

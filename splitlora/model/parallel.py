@@ -1,0 +1,343 @@
+"""CARD for the parallel schedules: every device's cut layer and its share of the server clock, jointly per round.
+
+Devices of a round train at the same time; the server's clock is divided into shares f_m with sum f_m <= f_max
+(the coupling); the round ends when the last device finishes. For fixed cuts the allocation is convex in the
+round deadline tau and solved by bisection on its KKT condition; the cuts are found by coordinate descent over
+devices, each step exact over one device's cut layers. Source: docs/model.md, "Parallel schedule".
+"""
+from __future__ import annotations
+
+from itertools import product
+
+import numpy as np
+
+from splitlora import _validate as V
+from splitlora.errors import InvalidParameterError
+from splitlora.model.card import Decision, card, exhaustive_search
+from splitlora.model.system import CostModel, check_weight
+
+_BISECTIONS = 44
+
+
+def _round_inputs(model: CostModel, P, Ru, Rd, M):
+    """(N, M) float arrays, checked (FLOP/s, bit/s, bit/s, byte); the schedule must be a parallel one."""
+    if not model.parallel:
+        raise InvalidParameterError(f"schedule={model.schedule!r} is invalid here: needs 'parallel' or "
+                                    "'parallel-pipelined' (use splitlora.model.card.card for per-device schedules)")
+    if model.static_power_w != 0:
+        raise InvalidParameterError(f"static_power_w={model.static_power_w!r} is invalid for the parallel schedules: "
+                                    "must be 0 (docs/model.md \"Parallel schedule\")")
+    P = np.asarray(P, dtype=float)
+    if P.ndim != 2:
+        raise InvalidParameterError(f"device_flops_per_s has shape {P.shape}: must be (rounds, devices)")
+    out = [np.broadcast_to(np.asarray(a, dtype=float), P.shape) for a in (P, Ru, Rd, M)]
+    for name, a in zip(("device_flops_per_s", "rate_up_bps", "rate_down_bps", "memory_bytes"), out):
+        V.check_positive(name, a)
+    return out
+
+
+def _stages(model: CostModel, P, Ru, Rd):
+    """Per-cut stage times of every device-round, each (N, M, L+1) (s)."""
+    shape = P.shape
+    t_d, t_l, t_h = model.stage_times_s(P.reshape(-1), Ru.reshape(-1), Rd.reshape(-1))
+    return tuple(a.reshape(shape + (model.n_cuts + 1,)) for a in (t_d, t_l, t_h))
+
+
+def _pace(model: CostModel, t_d, t_l, t_h):
+    """A device's finish time as T(f) = max(A1 + k1 C / f, A2 + k2 C / f) (:meth:`CostModel.round_delay_s` written
+    as two lines in 1 / f): (A1, k1, A2, k2), broadcasting (s, -, s, -). Sequential: A = I (T_d + T_l) + T_h and
+    k = I twice; pipelined: A1 = T_d + T_l + T_h, k1 = I (the server paces) and A2 = A1 + (I - 1) max(T_d, T_l),
+    k2 = 1 (the device or link does)."""
+    I = float(model.iterations)
+    if model.pipelined:
+        A1 = t_d + t_l + t_h
+        return A1, I, A1 + (I - 1) * np.maximum(t_d, t_l), 1.0
+    A = I * (t_d + t_l) + t_h
+    return A, I, A, I
+
+
+def _need_hz(pace, cycles, tau):
+    """Smallest clock share (Hz) with which a device of ``pace`` (:func:`_pace`) and ``cycles`` per mini-batch
+    finishes by ``tau`` (s), broadcasting; inf if none does; 0 where it has no server work and finishes in time.
+    Also returns k of the binding line (for dU/dtau)."""
+    A1, k1, A2, k2 = pace
+    C = np.asarray(cycles, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s1, s2 = tau - A1, tau - A2
+        n1 = np.where(s1 > 0, k1 * C / s1, np.inf)
+        n2 = np.where(s2 > 0, k2 * C / s2, np.inf)
+    need = np.where(C > 0, np.maximum(n1, n2), np.where((s1 >= 0) & (s2 >= 0), 0.0, np.inf))
+    return need, np.where(n1 >= n2, k1, k2)
+
+
+def allocate(model: CostModel, cut_layer, t_d, t_l, t_h, t_ref, e_ref, w: float, *, discrete_clocks: bool = False):
+    """Optimal clock shares for fixed cut layers (the lower layer of parallel CARD), vectorised over rounds.
+
+    Minimises w max_m T_m / T_ref + (1 - w) sum_m E_m / E_ref over shares f_m > 0 with sum f_m <= f_max (shares
+    in multiples of the clock-table step with ``discrete_clocks``). Continuous: for a deadline tau each device
+    needs f_m(tau) (:func:`_need_hz`), and U(tau) is convex; tau* is the smallest tau with sum f_m(tau) <= f_max,
+    f_m <= f_max and dU/dtau = w / T_ref - (1 - w) / E_ref sum_m 2 kappa (I / k_m) f_m^3 >= 0 (k_m = I where the
+    server paces the device, 1 where the device or link does), found by bisection. Discrete: the best of the
+    deadlines T_m(k step) over every device m and level k (exact).
+
+    Args:
+        cut_layer: (N, M) ints; t_d, t_l, t_h: the chosen cuts' stage times, (N, M) each (s);
+        t_ref, e_ref: (N,) normalisers; w: delay weight.
+    Returns:
+        (f_hz (N, M) shares, 0 where c = L; objective (N,), inf where no allocation is feasible).
+    """
+    c = np.asarray(cut_layer)
+    C = model.server_cycles[c]
+    I, kappa, F = model.iterations, model.kappa, model.f_max_hz
+    t_ref = np.asarray(t_ref, dtype=float)
+    e_ref = np.asarray(e_ref, dtype=float)
+    pace = _pace(model, t_d, t_l, t_h)
+
+    def cost(f):  # U of shares f (K, M, ...) on the last axis or the middle one
+        T = model.round_delay_s(t_d, t_l, t_h, np.where(C > 0, C / np.where(f > 0, f, 1.0), 0.0)).max(-1)
+        E = model.energy_j(I * C, f).sum(-1)
+        return w * T / t_ref + (1 - w) * E / e_ref
+
+    if discrete_clocks:
+        step = float(model.clocks_hz[1] - model.clocks_hz[0]) if len(model.clocks_hz) > 1 else F
+        levels = step * np.arange(1, int(np.floor(F / step + 1e-9)) + 1)                  # (Kf,)
+        x = lambda a: a[..., None]  # noqa: E731
+        cand = np.maximum(x(pace[0]) + x(pace[1] * C) / levels, x(pace[2]) + x(pace[3] * C) / levels)
+        cand = np.where(x(C) > 0, cand, x(pace[2])).reshape(c.shape[0], -1)                # (K, M Kf) deadlines
+        need, _ = _need_hz(tuple(x(p) if np.ndim(p) else p for p in pace), x(C), cand[:, None, :] * (1 + 1e-12))
+        f = np.where(need > 0, np.maximum(np.ceil(np.round(need / step, 9)) * step, step), 0.0)   # (K, M, M Kf)
+        ok = np.all(f <= F * (1 + 1e-12), axis=1) & (f.sum(1) <= F * (1 + 1e-9))
+        fs = np.where(np.isfinite(f), f, 0.0)
+        T = np.max(np.maximum(x(pace[0]) + x(pace[1] * C) / np.where(fs > 0, fs, 1.0),
+                              x(pace[2]) + x(pace[3] * C) / np.where(fs > 0, fs, 1.0)) * (x(C) > 0)
+                   + x(np.where(C > 0, 0.0, pace[2])), axis=1)
+        E = model.energy_j(I * x(C), fs).sum(1)
+        U = np.where(ok, w * T / x(t_ref) + (1 - w) * E / x(e_ref), np.inf)                # (K, M Kf)
+        j = U.argmin(1)
+        rows = np.arange(c.shape[0])
+        return np.where(c < model.n_cuts, fs[rows, :, j], 0.0), U[rows, j]
+
+    lo = np.max(np.where(C > 0, np.maximum(pace[0] + pace[1] * C / F, pace[2] + pace[3] * C / F), pace[2]), -1)
+    hi = np.maximum(lo, 1.0) * 1e9
+    for _ in range(_BISECTIONS):
+        tau = np.sqrt(lo * hi)
+        need, k = _need_hz(pace, C, tau[:, None])
+        feasible = np.all(need <= F, axis=-1) & (need.sum(-1) <= F)
+        slope = w / t_ref - (1 - w) / e_ref * (2 * kappa * (I / k) * np.where(need < np.inf, need, 0.0) ** 3).sum(-1)
+        right = feasible & (slope >= 0)
+        hi = np.where(right, tau, hi)
+        lo = np.where(right, lo, tau)
+    f, _ = _need_hz(pace, C, hi[:, None])
+    f = np.where(C > 0, np.minimum(f, F), 0.0)
+    total = f.sum(-1)
+    f = f * np.where(total > F, F / np.where(total > F, total, 1.0), 1.0)[:, None]          # rounding guard
+    return f, cost(f)
+
+
+def card_parallel(model: CostModel, device_flops_per_s, rate_up_bps, rate_down_bps, memory_bytes, w: float, *,
+                  discrete_clocks: bool = False, max_sweeps: int = 8) -> Decision:
+    """CARD for the parallel schedules: each round's cut layers and clock shares (docs/model.md "Parallel schedule").
+
+    Upper layer: coordinate descent over the devices of a round, started from each device's best cut with the
+    others server-only; each step tries all cut layers of one device with the others fixed, each with its optimal
+    allocation (:func:`allocate`), and keeps the best; sweeps stop when no device changes. With discrete clocks the
+    descent continues from there with the discrete allocation (trials whose continuous optimum is no better than
+    the incumbent are skipped: the discrete one cannot be better). Checked against :func:`exhaustive_parallel` (tests/model).
+
+    Args:
+        model: a :class:`CostModel` with schedule "parallel" or "parallel-pipelined" and static_power_w = 0.
+        device_flops_per_s, rate_up_bps, rate_down_bps, memory_bytes: (N, M) per round and device (FLOP/s, bit/s,
+            byte); w: delay weight in (0, 1]; discrete_clocks: shares in multiples of the clock-table step.
+    Returns:
+        :class:`Decision` with arrays of shape (N, M): cut layers, shares (Hz, 0 where c = L), each device's finish
+        time (s) and server energy (J); ``objective`` is the round's U (the same for its devices); infeasible
+        rounds (a device with no cut that fits) have cut -1 and NaN.
+    Raises:
+        InvalidParameterError: a per-device schedule, P0 > 0, w outside (0, 1], bad shapes or inputs.
+    """
+    check_weight(w)
+    if w <= 0:
+        raise InvalidParameterError(f"w={w!r} is invalid for the parallel schedules: must be in (0, 1] (at w = 0 the "
+                                    "energy falls toward 0 as the shares shrink: no optimum)")
+    P, Ru, Rd, Mem = _round_inputs(model, device_flops_per_s, rate_up_bps, rate_down_bps, memory_bytes)
+    N, Md = P.shape
+    L = model.n_cuts
+    t_d, t_l, t_h = _stages(model, P, Ru, Rd)                                   # (N, M, L+1)
+    t_ref, e_ref = model.parallel_references(P, Ru, Rd)
+    fits = model.device_memory_bytes[None, None, :] <= Mem[..., None]           # (N, M, L+1)
+    cuts = np.arange(L + 1)
+    dev = np.arange(Md)
+
+    def solve(rows, c, discrete):  # rounds (K,), cuts (K, M) -> shares (K, M), U (K,)
+        sel = lambda a: a[rows[:, None], dev, c]  # noqa: E731
+        f, U = allocate(model, c, sel(t_d), sel(t_l), sel(t_h), t_ref[rows], e_ref[rows], w, discrete_clocks=discrete)
+        return f, np.where(sel(fits).all(-1), U, np.inf)
+
+    def trials(c, m):  # every cut of device m, the others as in c: rows (N (L+1),), cuts (N (L+1), M)
+        t = np.repeat(c[:, None], L + 1, 1)
+        t[:, :, m] = cuts
+        return np.repeat(np.arange(N), L + 1), t.reshape(-1, Md)
+
+    def descend(c, U, discrete, sweeps):
+        for _ in range(sweeps):
+            changed = np.zeros(N, dtype=bool)
+            for m in range(Md):
+                rows, t = trials(c, m)
+                Ut = np.full(len(rows), np.inf)
+                if discrete:  # a discrete allocation is never better than the continuous one: try only those below U
+                    Uc = solve(rows, t, False)[1]
+                    try_ = Uc < U[rows] * (1 - 1e-12)
+                    if try_.any():
+                        Ut[try_] = solve(rows[try_], t[try_], True)[1]
+                else:
+                    Ut = solve(rows, t, False)[1]
+                Ut = Ut.reshape(N, L + 1)
+                j = Ut.argmin(1)
+                u = Ut[np.arange(N), j]
+                better = u < U * (1 - 1e-12)
+                c[:, m] = np.where(better, j, c[:, m])
+                U = np.where(better, u, U)
+                changed |= better
+            if not changed.any():
+                break
+        return c, U
+
+    every = np.arange(N)
+    start = _deadline_sweep(model, t_d, t_l, t_h, fits, t_ref, e_ref, w)
+    U0 = np.full(N, np.inf)
+    for c0 in start:  # the best of the sweep's candidates, each with its exact allocation
+        u = solve(every, c0, False)[1]
+        take = u < U0
+        U0 = np.where(take, u, U0)
+        start[0] = np.where(take[:, None], c0, start[0])
+    start = start[0]
+    c, U = descend(start.copy(), U0, False, max_sweeps)
+    if discrete_clocks:
+        c, U = descend(c, solve(every, c, True)[1], True, max_sweeps)
+    f, U = solve(every, c, discrete_clocks)
+    return _decision(model, c, f, P, Ru, Rd, t_ref, e_ref, w, fits.any(-1).all(-1) & np.isfinite(U))
+
+
+def _deadline_sweep(model, t_d, t_l, t_h, fits, t_ref, e_ref, w, n_grid: int = 64, keep: int = 3):
+    """Starting cuts of parallel CARD: for deadlines tau on a geometric grid from the fastest feasible round to
+    T_ref / w (beyond it U > 1, worse than the reference), each device's cut with the least energy that finishes by
+    tau (separable while the shares fit under f_max); the ``keep`` deadlines with the smallest U.
+    Returns a list of ``keep`` cut arrays (N, M)."""
+    N = t_d.shape[0]
+    L, I = model.n_cuts, model.iterations
+    C = np.broadcast_to(model.server_cycles, t_d.shape)
+    fast = np.where(fits, model.round_delay_s(t_d, t_l, t_h, np.where(C > 0, C / model.f_max_hz, 0.0)), np.inf)
+    lo = fast.min(-1).max(-1)                                                           # (N,)
+    lo = np.where(np.isfinite(lo) & (lo > 0), lo, 1.0)                                  # infeasible rounds: any
+    hi = np.maximum(t_ref / max(w, 1e-12), lo * (1 + 1e-9))
+    taus = lo[:, None] * (hi / lo)[:, None] ** np.linspace(0, 1, n_grid)[None, :]        # (N, G)
+    taus = taus * (1 + 1e-12)
+    pace = _pace(model, t_d[:, None], t_l[:, None], t_h[:, None])
+    need, _ = _need_hz(pace, C[:, None], taus[:, :, None, None])                         # (N, G, M, L+1)
+    ok = fits[:, None] & (need <= model.f_max_hz)
+    energy = np.where(ok, model.energy_j(I * C[:, None], np.where(ok, need, 0.0)), np.inf)
+    c = energy.argmin(-1)                                                               # (N, G, M)
+    e_best = np.take_along_axis(energy, c[..., None], -1)[..., 0]
+    f_best = np.take_along_axis(need, c[..., None], -1)[..., 0]
+    U = w * taus / t_ref[:, None] + (1 - w) * e_best.sum(-1) / e_ref[:, None]
+    U = np.where(np.isfinite(e_best).all(-1) & (f_best.sum(-1) <= model.f_max_hz), U, np.inf)
+    order = np.argsort(U, axis=1)[:, :keep]
+    return [np.take_along_axis(c, order[:, k, None, None], 1)[:, 0] for k in range(min(keep, n_grid))]
+
+
+def _decision(model, c, f, P, Ru, Rd, t_ref, e_ref, w, ok) -> Decision:
+    """Decision (N, M) of parallel rounds from cuts and shares; rounds not ``ok`` masked."""
+    c_safe = np.where(ok[:, None], c, 0)
+    f_safe = np.where(ok[:, None] & (c_safe < model.n_cuts), f, model.f_max_hz / c.shape[1])
+    T_round, E_round, T, E = model.parallel_round(c_safe, f_safe, P, Ru, Rd)
+    U = w * T_round / t_ref + (1 - w) * E_round / e_ref
+    okm = np.broadcast_to(ok[:, None], c.shape)
+    return Decision.masked(okm, c, np.where(c_safe < model.n_cuts, f_safe, 0.0), T, E,
+                           np.broadcast_to(U[:, None], c.shape))
+
+
+def exhaustive_parallel(model: CostModel, device_flops_per_s, rate_up_bps, rate_down_bps, memory_bytes, w: float,
+                        shares_hz=None) -> Decision:
+    """Brute force for parallel rounds: every combination of cut layers and of shares from a grid (sum <= f_max).
+
+    Nothing of CARD's allocation is used: U is evaluated with :meth:`CostModel.parallel_round` on the whole grid.
+    Cost (L+1)^M x |grid|^M per round: small instances only (tests).
+
+    Args: as :func:`card_parallel`; shares_hz: the share grid (Hz), default the multiples of the clock-table step
+    up to f_max (what ``discrete_clocks=True`` chooses from).
+    Returns: :class:`Decision` (N, M) as :func:`card_parallel`.
+    """
+    check_weight(w)
+    P, Ru, Rd, Mem = _round_inputs(model, device_flops_per_s, rate_up_bps, rate_down_bps, memory_bytes)
+    N, Md = P.shape
+    L, F = model.n_cuts, model.f_max_hz
+    if shares_hz is None:
+        step = float(model.clocks_hz[1] - model.clocks_hz[0]) if len(model.clocks_hz) > 1 else F
+        shares_hz = step * np.arange(1, int(np.floor(F / step + 1e-9)) + 1)
+    grid = np.asarray(shares_hz, dtype=float)
+    t_ref, e_ref = model.parallel_references(P, Ru, Rd)
+    fits = model.device_memory_bytes[None, None, :] <= Mem[..., None]
+    share_sets = {}
+    for n in range(Md + 1):
+        sets = np.array(list(product(grid, repeat=n)), dtype=float).reshape(len(grid) ** n, n)
+        share_sets[n] = sets[sets.sum(1) <= F * (1 + 1e-9)]
+    best_U = np.full(N, np.inf)
+    best_c = np.zeros((N, Md), dtype=np.int64)
+    best_f = np.zeros((N, Md))
+    for combo in product(range(L + 1), repeat=Md):
+        c = np.array(combo)
+        ok = fits[:, np.arange(Md), c].all(-1)
+        active = c < L
+        sets = share_sets[int(active.sum())]
+        f_sets = np.zeros((len(sets), Md))
+        f_sets[:, active] = sets
+        S = len(f_sets)
+        cc = np.broadcast_to(c, (N * S, Md))
+        T, E, _, _ = model.parallel_round(cc, np.tile(f_sets, (N, 1)),
+                                          np.repeat(P, S, 0), np.repeat(Ru, S, 0), np.repeat(Rd, S, 0))
+        U = (w * T / np.repeat(t_ref, S) + (1 - w) * E / np.repeat(e_ref, S)).reshape(N, S)
+        j = U.argmin(1)
+        u = np.where(ok, U[np.arange(N), j], np.inf)
+        take = u < best_U
+        best_U = np.where(take, u, best_U)
+        best_c = np.where(take[:, None], c, best_c)
+        best_f = np.where(take[:, None], f_sets[j], best_f)
+    ok = np.isfinite(best_U)
+    return _decision(model, best_c, np.where(best_c < L, best_f, 0.0), P, Ru, Rd, t_ref, e_ref, w, ok)
+
+
+def card_rounds(model: CostModel, device_flops_per_s, rate_up_bps, rate_down_bps, memory_bytes, w: float, *,
+                discrete_clocks: bool = False) -> Decision:
+    """CARD for N rounds of M devices under any schedule: inputs (N, M), :class:`Decision` of shape (N, M).
+
+    Per-device schedules ("sequential", "pipelined") solve each device-round alone (:func:`card`; the delay of a
+    device-round is its own); parallel schedules solve each round jointly (:func:`card_parallel`).
+    """
+    P = np.asarray(device_flops_per_s, dtype=float)
+    if P.ndim != 2:
+        raise InvalidParameterError(f"device_flops_per_s has shape {P.shape}: must be (rounds, devices)")
+    if model.parallel:
+        return card_parallel(model, P, rate_up_bps, rate_down_bps, memory_bytes, w, discrete_clocks=discrete_clocks)
+    flat = [np.broadcast_to(np.asarray(a, dtype=float), P.shape).reshape(-1)
+            for a in (P, rate_up_bps, rate_down_bps, memory_bytes)]
+    d = card(model, *flat, w, discrete_clocks=discrete_clocks)
+    return _reshape(d, P.shape)
+
+
+def exhaustive_rounds(model: CostModel, device_flops_per_s, rate_up_bps, rate_down_bps, memory_bytes, w: float,
+                      grid_hz=None) -> Decision:
+    """The brute force of every schedule on (N, M) inputs: :func:`exhaustive_search` per device-round, or
+    :func:`exhaustive_parallel` per round (``grid_hz``: its clock grid or share grid)."""
+    P = np.asarray(device_flops_per_s, dtype=float)
+    if P.ndim != 2:
+        raise InvalidParameterError(f"device_flops_per_s has shape {P.shape}: must be (rounds, devices)")
+    if model.parallel:
+        return exhaustive_parallel(model, P, rate_up_bps, rate_down_bps, memory_bytes, w, grid_hz)
+    flat = [np.broadcast_to(np.asarray(a, dtype=float), P.shape).reshape(-1)
+            for a in (P, rate_up_bps, rate_down_bps, memory_bytes)]
+    return _reshape(exhaustive_search(model, *flat, w, grid_hz), P.shape)
+
+
+def _reshape(d: Decision, shape) -> Decision:
+    return Decision(*(getattr(d, k).reshape(shape) for k in
+                      ("cut_layer", "frequency_hz", "delay_s", "energy_j", "objective", "feasible")))
