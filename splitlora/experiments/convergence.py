@@ -251,10 +251,11 @@ def plan_rounds(setup: ConvergenceSetup, mode: str, steps: Sequence[int], *, w: 
 
 
 def train_curve(setup: ConvergenceSetup, batches: list[list], plan: pd.DataFrame, mode: str, steps: Sequence[int],
-                weights: Sequence[float]) -> pd.DataFrame:
+                weights: Sequence[float], initial_loss: float | None = None) -> pd.DataFrame:
     """Train ``mode`` for ``setup.rounds`` rounds with the cuts of ``plan`` (:func:`plan_rounds`) and record the
     held-out answer loss after every round. Columns: round (0 = before training), heldout_loss, modelled_time_s
-    (cumulative modelled delay at the round's end), train_loss (mean over the round's mini-batches)."""
+    (cumulative modelled delay at the round's end), train_loss (mean over the round's mini-batches).
+    ``initial_loss``: the base model's held-out loss if already known (the same for every mode)."""
     from splitlora.training.evaluation import answer_loss
     from splitlora.training.trainer import SplitTrainer
 
@@ -263,8 +264,9 @@ def train_curve(setup: ConvergenceSetup, batches: list[list], plan: pd.DataFrame
     delay = plan.groupby("round")["round_delay_s"].first().to_numpy()
     cd = setup.config.compute_dtype
     trainer = SplitTrainer(setup.model, setup.lora, setup.config)
-    rows = [dict(round=0, heldout_loss=answer_loss(setup.model, setup.heldout, compute_dtype=cd)["loss"],
-                 modelled_time_s=0.0, train_loss=float("nan"))]
+    if initial_loss is None:
+        initial_loss = answer_loss(setup.model, setup.heldout, compute_dtype=cd)["loss"]
+    rows = [dict(round=0, heldout_loss=float(initial_loss), modelled_time_s=0.0, train_loss=float("nan"))]
     for n in range(setup.rounds):
         before = len(trainer.logs)
         trainer.run(batches, lambda r, m: int(cut[r, m]), rounds=n + 1, steps_per_round=list(steps), mode=train_mode,
@@ -286,8 +288,11 @@ def convergence_curves(setup: ConvergenceSetup, scenarios: Sequence[tuple[str, s
     device, records, steps, and the share of each reasoning-step bin)."""
     for mode in modes:
         check_choice("modes", mode, MODES)
+    from splitlora.training.evaluation import answer_loss
+
     curves, plans, shard_rows = [], [], []
     Md = len(setup.devices)
+    base = answer_loss(setup.model, setup.heldout, compute_dtype=setup.config.compute_dtype)["loss"]
     for kind, share_kind in scenarios:
         shares = device_shares(share_kind, Md, skew)
         shards = partition(setup.bins, shares, kind, alpha, seed)
@@ -303,7 +308,7 @@ def convergence_curves(setup: ConvergenceSetup, scenarios: Sequence[tuple[str, s
             if progress:
                 print(f"{kind}/{share_kind}: {mode}", flush=True)
             plan = plan_rounds(setup, mode, steps, w=w, seed=seed, cuts=cuts)
-            curve = train_curve(setup, batches, plan, mode, steps, weights)
+            curve = train_curve(setup, batches, plan, mode, steps, weights, base)
             tag = dict(partition=kind, shares=share_kind, mode=mode)
             curves.append(curve.assign(**tag))
             plans.append(plan.assign(**tag))
