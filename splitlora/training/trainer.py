@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -22,6 +23,7 @@ from splitlora._validate import check_choice, check_int_range, check_positive
 from splitlora.atomic import atomic_save_folder, atomic_write, load_checkpoint_file
 from splitlora.errors import InvalidParameterError
 from splitlora.training.evaluation import SplitLM
+from splitlora.training.federated import MODES, run_parallel
 from splitlora.training.node import LoraNode, payload_bytes, roundtrip, trainable_names
 from splitlora.training.split import (COMPUTE_DTYPES, GRANULARITIES, WIRE_DTYPES, compute_context, num_targets,
                                       num_units, shared_weight_copy, split_model, wire_dtype_of)
@@ -271,30 +273,58 @@ class SplitTrainer:
 
     # ------------------------------------------------------------------ many steps
     def run(self, device_batches: Sequence[Sequence[Mapping[str, torch.Tensor]]], cut_layers: CutSchedule,
-            rounds: int, steps_per_round: int = 1, *, checkpoint_path: str | os.PathLike | None = None,
-            checkpoint_every: int | None = None, stop_after: int | None = None) -> list[StepLog]:
+            rounds: int, steps_per_round: int | Sequence[int] = 1, *, checkpoint_path: str | os.PathLike | None = None,
+            checkpoint_every: int | None = None, stop_after: int | None = None, mode: str = "sequential",
+            sample_weights: Sequence[float] | None = None) -> list[StepLog]:
         """Train ``rounds`` rounds; in round n devices m = 0..M-1 take turns, each for ``steps_per_round``
         mini-batches ``device_batches[m][(n * steps_per_round + i) % len(device_batches[m])]`` with cut
-        layer ``cut_layers[n][m]`` (or ``cut_layers(n, m)``; CARD decides it elsewhere).
+        layer ``cut_layers[n][m]`` (or ``cut_layers(n, m)``; CARD decides it elsewhere). ``steps_per_round`` may
+        also be one count per device (I_m).
+
+        ``mode``: ``"sequential"`` (devices take turns, above), or a parallel mode of
+        :func:`splitlora.training.federated.run_parallel` (``"splitfed"`` = SFL-V2, ``"splitfed_v1"``, ``"fedlora"``;
+        ``sample_weights``: their FedAvg weights per device; docs/split-training.md "Training modes").
 
         Steps already done (``global_step``, e.g. after :meth:`load_checkpoint`) are skipped. A checkpoint
-        is written every ``checkpoint_every`` steps when ``checkpoint_path`` is set; ``stop_after`` stops
-        after that global step count (to emulate an interruption). Returns all logs so far.
+        is written every ``checkpoint_every`` steps when ``checkpoint_path`` is set (parallel modes: at each round's
+        end); ``stop_after`` stops after that global step count (to emulate an interruption; parallel modes: a
+        multiple of the steps of a round). Returns all logs so far. Raises InvalidParameterError before any step
+        for a bad mode, count or weight.
         """
+        check_choice("mode", mode, MODES)
         check_int_range("rounds", rounds, 0, 10**9)
-        check_int_range("steps_per_round", steps_per_round, 1, 10**9)
         m_dev = len(device_batches)
         if m_dev == 0:
             raise InvalidParameterError("device_batches=[] is invalid: must hold at least one device's batches")
+        steps = [steps_per_round] * m_dev if isinstance(steps_per_round, (int, np.integer)) else list(steps_per_round)
+        if len(steps) != m_dev:
+            raise InvalidParameterError(f"steps_per_round={steps_per_round!r} is invalid: must be one count or one "
+                                        f"per device ({m_dev})")
+        check_int_range("steps_per_round", steps, 1, 10**9)
         cut_of = cut_layers if callable(cut_layers) else (lambda n, m: cut_layers[n][m])
-        sched = [(n, m, i) for n in range(rounds) for m in range(m_dev) for i in range(steps_per_round)]
+        if mode != "sequential":
+            if sample_weights is not None and len(sample_weights) != m_dev:
+                raise InvalidParameterError(f"sample_weights of length {len(sample_weights)} is invalid: must hold "
+                                            f"one weight per device ({m_dev})")
+            if sample_weights is not None:
+                check_positive("sample_weights", list(sample_weights))
+            if stop_after is not None and stop_after % sum(steps):
+                raise InvalidParameterError(f"stop_after={stop_after} is invalid for mode={mode!r}: must be a "
+                                            f"multiple of the steps of a round ({sum(steps)})")
+            return run_parallel(self, device_batches, cut_of, rounds, steps, mode, sample_weights=sample_weights,
+                                checkpoint_path=checkpoint_path,
+                                stop_after_round=None if stop_after is None else stop_after // sum(steps))
+        elif sample_weights is not None:
+            raise InvalidParameterError("sample_weights is invalid for mode='sequential': must be None (nothing is "
+                                        "averaged)")
+        sched = [(n, m, i) for n in range(rounds) for m in range(m_dev) for i in range(steps[m])]
         end = len(sched) if stop_after is None else min(len(sched), stop_after)
         bar = tqdm(total=end, initial=min(self.global_step, end), disable=not self.config.progress,
                    desc="split training")
         for k in range(self.global_step, end):
             n, m, i = sched[k]
             data = device_batches[m]
-            log = self.step(data[(n * steps_per_round + i) % len(data)], m, int(cut_of(n, m)), n)
+            log = self.step(data[(n * steps[m] + i) % len(data)], m, int(cut_of(n, m)), n)
             bar.update(1)
             bar.set_postfix(loss=f"{log.loss:.4f}", cut=log.cut_layer, dev=m)
             if checkpoint_path is not None and checkpoint_every and self.global_step % checkpoint_every == 0:
