@@ -82,7 +82,7 @@ def save_figure(fig, data: pd.DataFrame, name: str, parameters: dict, out_dir: P
         paths[ext] = out_dir / f"{name}.{ext}"
         atomic_write(paths[ext], lambda p, ext=ext, kw=kw: fig.savefig(p, format=ext, bbox_inches="tight", **kw))
     paths["json"] = out_dir / f"{name}.json"
-    text = json.dumps(provenance(parameters), indent=2, sort_keys=True, default=str)
+    text = json.dumps(provenance(dict(parameters)), indent=2, sort_keys=True, default=str)
     atomic_write(paths["json"], lambda p: p.write_text(text + "\n"))
     return paths
 

@@ -9,7 +9,7 @@ import ast
 import json
 from pathlib import Path
 from types import ModuleType
-from typing import MutableMapping
+from typing import Mapping, MutableMapping
 
 from splitlora.errors import InvalidParameterError
 from splitlora.paths import NOTEBOOKS_DIR
@@ -121,12 +121,35 @@ def coerce_parameter(name: str, value, default):
     return value
 
 
-def notebook_parameters(notebook: str | Path, namespace: MutableMapping) -> dict:
+class NotebookParameters(Mapping):
+    """The declared parameters of a notebook as a read-only live view of its namespace: ``dict(params)`` gives the
+    values as they are when it is read (after a ``smoke`` cell shrank some), for provenance and
+    :meth:`splitlora.model.scenario.Scenario.from_parameters`."""
+
+    def __init__(self, names, namespace: Mapping):
+        self._names, self._ns = tuple(n for n in names if n in namespace), namespace
+
+    def __getitem__(self, name):
+        if name not in self._names:
+            raise KeyError(name)
+        return self._ns[name]
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self):
+        return len(self._names)
+
+    def __repr__(self):
+        return f"NotebookParameters({dict(self)!r})"
+
+
+def notebook_parameters(notebook: str | Path, namespace: MutableMapping) -> NotebookParameters:
     """Check a notebook's parameters in its kernel (``namespace`` = ``globals()``) and return them.
 
     Unknown names (neither a declared parameter, nor a name the notebook assigns, nor IPython's) are refused, so a
     misspelt ``-p`` fails in the first cell; string values for non-string parameters are parsed (YAML) and written
-    back into ``namespace``. Returns {name: value} of the declared parameters, for provenance.
+    back into ``namespace``. Returns the declared parameters as a live view (:class:`NotebookParameters`).
     Raises:
         InvalidParameterError: an unknown parameter (listing the known ones) or a value of the wrong kind.
     """
@@ -140,4 +163,4 @@ def notebook_parameters(notebook: str | Path, namespace: MutableMapping) -> dict
     for name, default in declared.items():
         if name in namespace:
             namespace[name] = coerce_parameter(name, namespace[name], default)
-    return {name: namespace[name] for name in declared if name in namespace}
+    return NotebookParameters(declared, namespace)

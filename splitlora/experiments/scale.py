@@ -25,7 +25,7 @@ FLEET_SIZES = (10, 100, 1000)
 def _fleet_decisions(scenario: Scenario, model: str, num_devices: int, rounds: int, seed: int):
     """(scenario of the fleet, its CostModel, CARD inputs (K,) each, Decision) under Markov channels."""
     V.check_int_range("rounds", rounds, 1, 10**6)
-    sc = replace(scenario, model=model, devices=draw_fleet(num_devices, seed))
+    sc = replace(scenario, model=model, devices=draw_fleet(num_devices, seed, scenario.devices, scenario.hardware))
     cm = sc.cost_model()
     args = _rounds(sc, channel_states("Markov", rounds, num_devices, seed))
     return sc, cm, args, card(cm, *args, sc.w, discrete_clocks=sc.discrete_clocks)
@@ -69,7 +69,7 @@ def memory_table(scenario: Scenario | None = None, models=MODELS, channel_state:
     server_weights_cut0_gb (frozen weights the server holds at c = 0; the cost model does not check server memory).
     """
     scenario = Scenario() if scenario is None else scenario
-    specs = scenario.hardware_profiles().devices
+    specs = scenario.device_specs()
     names = tuple(specs)
     rows = []
     for m in models:

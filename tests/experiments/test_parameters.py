@@ -40,14 +40,17 @@ def test_unknown_parameter_is_refused_naming_it_and_the_known_ones(tmp_path):
     with pytest.raises(InvalidParameterError, match=r"\['schedul'\].*takes only \['smoke', 'w'\]"):
         notebook_parameters(path, ns)
     del ns["schedul"]
-    assert notebook_parameters(path, ns) == {"smoke": False, "w": 0.1}
+    params = notebook_parameters(path, ns)
+    assert dict(params) == {"smoke": False, "w": 0.1}
+    ns["w"] = 0.3  # a smoke cell shrinking a parameter: the view shows the value that acted
+    assert dict(params) == {"smoke": False, "w": 0.3}
 
 
 def test_strings_from_papermill_are_parsed_into_the_default_kind(tmp_path):
     path = _notebook(tmp_path, "smoke = False\nweights = [0.1, 0.2]\nrounds = 3\nw = 0.1\nname = 'a'\n")
     ns = {"smoke": "true", "weights": "[0.3, 0.4]", "rounds": "7", "w": 1, "name": "[1]"}
     out = notebook_parameters(path, ns)
-    assert out == {"smoke": True, "weights": [0.3, 0.4], "rounds": 7, "w": 1.0, "name": "[1]"}
+    assert dict(out) == {"smoke": True, "weights": [0.3, 0.4], "rounds": 7, "w": 1.0, "name": "[1]"}
     assert ns["weights"] == [0.3, 0.4] and isinstance(ns["w"], float)
 
 
