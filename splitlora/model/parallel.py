@@ -168,10 +168,15 @@ def card_parallel(model: CostModel, device_flops_per_s, rate_up_bps, rate_down_b
     cuts = np.arange(L + 1)
     dev = np.arange(Md)
 
-    def solve(rows, c, discrete):  # rounds (K,), cuts (K, M) -> shares (K, M), U (K,)
-        sel = lambda a: a[rows[:, None], dev, c]  # noqa: E731
-        f, U = allocate(model, c, sel(t_d), sel(t_l), sel(t_h), t_ref[rows], e_ref[rows], w, discrete_clocks=discrete)
-        return f, np.where(sel(fits).all(-1), U, np.inf)
+    def solve(rows, c, discrete):  # rounds (K,), cuts (K, M) -> shares (K, M), U (K,); inf where a cut does not fit
+        ok = fits[rows[:, None], dev, c].all(-1)
+        f, U = np.zeros(c.shape), np.full(len(rows), np.inf)
+        if not ok.any():
+            return f, U
+        r, cc = rows[ok], c[ok]
+        sel = lambda a: a[r[:, None], dev, cc]  # noqa: E731
+        f[ok], U[ok] = allocate(model, cc, sel(t_d), sel(t_l), sel(t_h), t_ref[r], e_ref[r], w, discrete_clocks=discrete)
+        return f, U
 
     def trials(c, m):  # every cut of device m, the others as in c: rows (N (L+1),), cuts (N (L+1), M)
         t = np.repeat(c[:, None], L + 1, 1)
