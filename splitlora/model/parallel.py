@@ -2,8 +2,9 @@
 
 Devices of a round train at the same time; the server's clock is divided into shares f_m with sum f_m <= f_max
 (the coupling); the round ends when the last device finishes. For fixed cuts the allocation is convex in the
-round deadline tau and solved by bisection on its KKT condition; the cuts are found by coordinate descent over
-devices, each step exact over one device's cut layers. Source: docs/model.md, "Parallel schedule".
+round deadline tau and solved by bisection on its KKT condition; the cuts start from a sweep over deadlines and
+are refined by coordinate descent over devices, each step exact over one device's cut layers. Checked against the
+brute force (tests/model/test_parallel.py). Source: docs/model.md, "Parallel schedule".
 """
 from __future__ import annotations
 
