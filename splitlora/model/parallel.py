@@ -2,8 +2,9 @@
 
 Devices of a round train at the same time; the server's clock is divided into shares f_m with sum f_m <= f_max
 (the coupling); the round ends when the last device finishes. For fixed cuts the allocation is convex in the
-round deadline tau and solved by bisection on its KKT condition; the cuts are found by coordinate descent over
-devices, each step exact over one device's cut layers. Source: docs/model.md, "Parallel schedule".
+round deadline tau and solved by bisection on its KKT condition; the cuts start from a sweep over deadlines and
+are refined by coordinate descent over devices, each step exact over one device's cut layers. Checked against the
+brute force (tests/model/test_parallel.py). Source: docs/model.md, "Parallel schedule".
 """
 from __future__ import annotations
 
@@ -168,10 +169,15 @@ def card_parallel(model: CostModel, device_flops_per_s, rate_up_bps, rate_down_b
     cuts = np.arange(L + 1)
     dev = np.arange(Md)
 
-    def solve(rows, c, discrete):  # rounds (K,), cuts (K, M) -> shares (K, M), U (K,)
-        sel = lambda a: a[rows[:, None], dev, c]  # noqa: E731
-        f, U = allocate(model, c, sel(t_d), sel(t_l), sel(t_h), t_ref[rows], e_ref[rows], w, discrete_clocks=discrete)
-        return f, np.where(sel(fits).all(-1), U, np.inf)
+    def solve(rows, c, discrete):  # rounds (K,), cuts (K, M) -> shares (K, M), U (K,); inf where a cut does not fit
+        ok = fits[rows[:, None], dev, c].all(-1)
+        f, U = np.zeros(c.shape), np.full(len(rows), np.inf)
+        if not ok.any():
+            return f, U
+        r, cc = rows[ok], c[ok]
+        sel = lambda a: a[r[:, None], dev, cc]  # noqa: E731
+        f[ok], U[ok] = allocate(model, cc, sel(t_d), sel(t_l), sel(t_h), t_ref[r], e_ref[r], w, discrete_clocks=discrete)
+        return f, U
 
     def trials(c, m):  # every cut of device m, the others as in c: rows (N (L+1),), cuts (N (L+1), M)
         t = np.repeat(c[:, None], L + 1, 1)
