@@ -72,3 +72,31 @@ def test_run_notebooks_refuses_a_parameter_no_selected_notebook_takes(tmp_path):
     with pytest.raises(InvalidParameterError, match=r"\['schedul'\].*no selected notebook takes"):
         run_notebooks({"schedul": "pipelined"}, only=["fig2_optimal_cut"], out_dir=tmp_path)
     assert not any(tmp_path.iterdir())  # refused before any notebook ran
+
+
+@pytest.mark.slow
+def test_a_notebook_takes_string_lists_server_and_a_user_hardware_file(tmp_path, monkeypatch):
+    """fig2 under papermill with list parameters given as strings (as ``-p`` passes them), the second shipped server
+    and a user hardware file: the figure's CSV holds the user's device, the weights given, and the decisions of
+    CARD on that server (recomputed here without the notebook)."""
+    import numpy as np
+    import pandas as pd
+    import yaml
+
+    from splitlora.experiments.analytic import optimal_decisions
+    from splitlora.model.scenario import Scenario
+
+    hw = tmp_path / "hw.yaml"
+    hw.write_text(yaml.safe_dump({"devices": {"Phone": {"flops_per_s": 2.0e12, "memory_bytes": 12e9}}}))
+    monkeypatch.setenv("SPLITLORA_FIGURES_DIR", str(tmp_path))
+    given = {"weights": "[0.2, 0.6]", "devices": "[Phone, Jetson Nano 4GB]", "server": "A100 SXM4 80GB",
+             "hardware": str(hw), "granularity": "block"}
+    run_notebooks(given, only=["fig2_optimal_cut"], out_dir=tmp_path / "executed")
+    table = pd.read_csv(tmp_path / "fig2_optimal_cut.csv")
+    assert sorted(set(table.w)) == [0.2, 0.6] and list(dict.fromkeys(table.device)) == ["Phone", "Device 5"]
+    want = optimal_decisions(Scenario(devices=("Phone", "Device 5"), server="A100 SXM4 80GB", hardware=str(hw),
+                                      granularity="block"), "Normal", weights=[0.2, 0.6])
+    np.testing.assert_array_equal(table.cut_layer, want.cut_layer)
+    np.testing.assert_allclose(table.frequency_ghz, want.frequency_ghz, rtol=1e-12)
+    recorded = json.loads((tmp_path / "fig2_optimal_cut.json").read_text())["parameters"]
+    assert recorded["weights"] == [0.2, 0.6] and recorded["server"] == "A100 SXM4 80GB" and "w" not in recorded
