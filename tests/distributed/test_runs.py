@@ -172,7 +172,7 @@ def test_device_that_cannot_use_nccl_is_refused(tmp_path):
     """Server with backend: nccl (capable through the stand-in); a device whose host cannot use NCCL joins with
     backend: auto (``dist`` is not part of the fingerprint): the server refuses it with the reason and skips its
     turns, the device exits with that reason, nothing is trained, so nothing is written and the server exits 1."""
-    cfg = base_config(tmp_path, dist={"backend": "nccl"})
+    cfg = base_config(tmp_path, dist={"backend": "nccl", "startup_timeout_s": 45})  # the refused device never comes
     dev_cfg = tmp_path / "device.json"
     dev_cfg.write_text(json.dumps({**cfg, "dist": {**cfg["dist"], "backend": "auto"}}))
     cl = Cluster(tmp_path, write_config(tmp_path, cfg), 2)
