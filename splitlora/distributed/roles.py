@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from splitlora._validate import check_int_range
-from splitlora.atomic import atomic_save_folder, atomic_write
+from splitlora.atomic import atomic_save_folder, atomic_write, load_checkpoint_file
 from splitlora.distributed.config import RunConfig
 from splitlora.distributed.plan import RunPlan, check_writable, compute_device, device_profile, run_folders
 from splitlora.distributed.wire import (DUPLICATE, K_CTRL, K_GRAD, K_HIDDEN, K_LABELS, K_LOSS, K_MASK, K_RATES,
@@ -32,7 +32,7 @@ from splitlora.distributed.wire import (DUPLICATE, K_CTRL, K_GRAD, K_HIDDEN, K_L
                                         choose_transport, cuda_sync, device_handshake, load_secret, local_addr,
                                         nccl_capable, nccl_pair_group, recv_adapter, send_adapter, server_answer,
                                         server_handshake)
-from splitlora.errors import InvalidParameterError, SplitLoRAError
+from splitlora.errors import CorruptFileError, InvalidParameterError, SplitLoRAError
 from splitlora.training.node import LoraNode, trainable_names
 from splitlora.training.split import split_model, tensor_bytes
 from splitlora.training.step import DeviceHalf, ServerHalf, SmashedData
@@ -88,15 +88,14 @@ class RunIncomplete(SplitLoRAError, RuntimeError):
 
 
 def _load_checkpoint(path: Path) -> dict:
-    """``torch.load(weights_only=True)`` of a checkpoint; an unreadable one raises InvalidParameterError with its
-    path and what to do."""
+    """A role's checkpoint (:func:`splitlora.atomic.load_checkpoint_file`, ``torch.load(weights_only=True)``); an
+    unreadable one raises InvalidParameterError with its path and what to do."""
     try:
-        return torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as err:  # noqa: BLE001  truncated zip, not a checkpoint, unpickling refused
+        return load_checkpoint_file(path, map_location="cpu")
+    except CorruptFileError as err:
         raise InvalidParameterError(
-            f"checkpoint {str(path)!r} is invalid: it cannot be read ({type(err).__name__}: {str(err)[:200]}), "
-            "e.g. truncated; must be a complete splitlora checkpoint: delete it to start over, or set "
-            "dist.resume: false") from None
+            f"checkpoint {str(path)!r} is invalid: it cannot be read ({err.__cause__!r:.200}), e.g. truncated; must be a "
+            "complete splitlora checkpoint: delete it to start over, or set dist.resume: false") from None
 
 
 def _append_jsonl(path: Path, rows: list) -> None:
