@@ -61,7 +61,7 @@ def run_policies(model: CostModel, device_flops_per_s, rate_up_bps, rate_down_bp
         raise InvalidParameterError(f"policies={unknown!r} is invalid: must be names from {list(POLICIES)}")
     P, Ru, Rd = device_round_inputs(device_flops_per_s, rate_up_bps, rate_down_bps)
     M = np.broadcast_to(np.asarray(memory_bytes, dtype=float).reshape(-1), P.shape)
-    L, fmax, K = model.n_cuts, model.f_max_hz, P.shape[0]
+    L, fmax = model.n_cuts, model.f_max_hz
     args = (P, Ru, Rd, M, w)
     out: dict[str, Decision] = {}
     fixed = _fixed_cuts(model, L // 2 if fixed_cut is None else fixed_cut, model.feasible(M))
@@ -119,7 +119,7 @@ def run_policies_rounds(model: CostModel, device_flops_per_s, rate_up_bps, rate_
         raise InvalidParameterError(f"policies={unknown!r} is invalid under schedule={model.schedule!r}: must be names "
                                     f"from {[p for p in POLICIES if p != 'exhaustive']}")
     P, Ru, Rd, M = arrs
-    L, N, Md = model.n_cuts, shape[0], shape[1]
+    L, Md = model.n_cuts, shape[1]
     ok = model.feasible(M.reshape(-1)).reshape(shape + (L + 1,))
     t_d, t_l, t_h = _stages(model, P, Ru, Rd)
     t_ref, e_ref = model.parallel_references(P, Ru, Rd)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from splitlora.distributed import config, launch, plan, roles, wire
+from splitlora.distributed import config, launch, plan, wire
 from splitlora.model.hardware import CHANNEL_STATES, load_channel
 from tests.distributed.harness import B, Cluster, H, S, assert_same_as_in_process, base_config, results, write_config
 
