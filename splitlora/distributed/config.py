@@ -269,6 +269,8 @@ class RunConfig:
         for k in ("hardware", "server"):
             if d[k] is None:
                 d.pop(k)
+        if self.hardware is not None and Path(self.hardware).is_file():  # its contents, not only its path
+            d["hardware_sha256"] = hashlib.sha256(Path(self.hardware).read_bytes()).hexdigest()
         digest = hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).digest()
         return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
@@ -442,7 +444,7 @@ def check_run_config(cfg: RunConfig) -> None:
     (cut in [0, L], seq_len <= max_position_embeddings). Raises InvalidParameterError naming the field."""
     hw = load_hardware(cfg.hardware)
     for name in cfg.devices:
-        hw.device_key(name, "devices")
+        hw.device(hw.device_key(name, "devices")).sustained_flops_per_s("fp32")  # the profile a device reports
     hw.server(cfg.server)
     _check_model_section(cfg.model)
     _check_lora_section(cfg.lora)

@@ -206,6 +206,11 @@ class Server:
         self.node.wipe()
         self.node.set_owned(list(st["params"]), {"params": st["params"], "opt": st["opt"]})
         self.turn, self.global_step = int(st["turn"]), int(st["global_step"])
+        if self.turn >= len(self.turns) and self.global_step < self.total_steps:
+            raise InvalidParameterError(
+                f"checkpoint {str(path)!r} is invalid to resume: it holds an incomplete run that ended after every turn "
+                f"({self.global_step} of {self.total_steps} mini-batches trained), so resuming would only end it again; "
+                f"delete {str(path.parent)!r} to run again from the start, or set dist.resume: false")
         self.logs = [DistStepLog(**x) for x in _read_jsonl(path.parent / LOGS_FILE, int(st["n_logs"]), path)]
         self.events = _read_jsonl(path.parent / EVENTS_FILE, int(st["n_events"]), path)
         self.rate_est = {int(k): float(v) for k, v in st.get("rate_est", {}).items()}

@@ -26,13 +26,18 @@ def _code_cells(path: Path) -> list[dict]:
     return [c for c in cells if c.get("cell_type") == "code"]
 
 
-def _parse(source) -> ast.Module:
+def _parse(source, where: str = "notebook") -> ast.Module:
     text = "".join(source) if isinstance(source, list) else source
     lines = [ln for ln in text.splitlines() if not ln.lstrip().startswith(("%", "!"))]  # IPython magics
     try:
         return ast.parse("\n".join(lines))
-    except SyntaxError:
-        return ast.Module(body=[], type_ignores=[])
+    except SyntaxError as err:
+        raise InvalidParameterError(f"{where} is invalid: a code cell does not parse (line {err.lineno}: {err.msg})") \
+            from None
+
+
+def _path(notebook: str | Path) -> Path:
+    return Path(notebook) if str(notebook).endswith(".ipynb") else NOTEBOOKS_DIR / f"{notebook}.ipynb"
 
 
 def declared_parameters(notebook: str | Path) -> dict:
@@ -43,12 +48,12 @@ def declared_parameters(notebook: str | Path) -> dict:
     Raises:
         InvalidParameterError: no such notebook, no tagged cell, or a default that is not a literal.
     """
-    path = Path(notebook) if str(notebook).endswith(".ipynb") else NOTEBOOKS_DIR / f"{notebook}.ipynb"
+    path = _path(notebook)
     tagged = [c for c in _code_cells(path) if "parameters" in c.get("metadata", {}).get("tags", [])]
     if not tagged:
         raise InvalidParameterError(f"notebook={str(path)!r} is invalid: must have a code cell tagged 'parameters'")
     out = {}
-    for node in _parse(tagged[0]["source"]).body:
+    for node in _parse(tagged[0]["source"], f"{path.name}'s parameters cell").body:
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
             name = node.targets[0].id
             try:
@@ -61,7 +66,7 @@ def declared_parameters(notebook: str | Path) -> dict:
 def _assigned_names(path: Path) -> set:
     names = set()
     for cell in _code_cells(path):
-        for node in ast.walk(_parse(cell["source"])):
+        for node in ast.walk(_parse(cell["source"], path.name)):
             if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
                 names.add(node.id)
             elif isinstance(node, (ast.Import, ast.ImportFrom)):
@@ -107,6 +112,11 @@ def coerce_parameter(name: str, value, default):
     strings) is parsed as YAML; raises :class:`InvalidParameterError` naming the parameter if it does not fit."""
     import yaml
 
+    if isinstance(value, str) and default is None and value.lstrip().startswith(("[", "{")):
+        try:  # a list given as a string for a parameter whose default is None (``cuts = None``)
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise InvalidParameterError(f"{name}={value!r} is invalid: must be YAML (a list like [1, 2])") from None
     if isinstance(value, str) and not isinstance(default, str) and default is not None:
         try:
             value = yaml.safe_load(value)
@@ -154,7 +164,7 @@ def notebook_parameters(notebook: str | Path, namespace: MutableMapping) -> Note
         InvalidParameterError: an unknown parameter (listing the known ones) or a value of the wrong kind.
     """
     declared = declared_parameters(notebook)
-    path = Path(notebook) if str(notebook).endswith(".ipynb") else NOTEBOOKS_DIR / f"{notebook}.ipynb"
+    path = _path(notebook)
     ignored = IPYTHON_NAMES | _assigned_names(path)
     unknown = sorted(n for n, v in namespace.items() if n not in declared and n not in ignored
                      and not n.startswith("_") and not isinstance(v, ModuleType) and not callable(v))

@@ -22,8 +22,13 @@ MODELS = ("llama-3.2-1b", "qwen2.5-7b", "llama-3.1-8b", "llama-3.1-70b")
 FLEET_SIZES = (10, 100, 1000)
 
 
+def _check_schedule(scenario: Scenario) -> None:
+    V.check_choice("schedule", scenario.schedule, ("sequential", "pipelined"))  # CARD per device-round at this scale
+
+
 def _fleet_decisions(scenario: Scenario, model: str, num_devices: int, rounds: int, seed: int):
     """(scenario of the fleet, its CostModel, CARD inputs (K,) each, Decision) under Markov channels."""
+    _check_schedule(scenario)
     V.check_int_range("rounds", rounds, 1, 10**6)
     sc = replace(scenario, model=model, devices=draw_fleet(num_devices, seed, scenario.devices, scenario.hardware))
     cm = sc.cost_model()
@@ -69,6 +74,7 @@ def memory_table(scenario: Scenario | None = None, models=MODELS, channel_state:
     server_weights_cut0_gb (frozen weights the server holds at c = 0; the cost model does not check server memory).
     """
     scenario = Scenario() if scenario is None else scenario
+    _check_schedule(scenario)
     specs = scenario.device_specs()
     names = tuple(specs)
     rows = []

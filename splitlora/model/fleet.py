@@ -25,11 +25,10 @@ def draw_fleet(num_devices: int, seed: int = 0, profiles=None, hardware=None) ->
         InvalidParameterError: num_devices out of range, an unknown or empty ``profiles``.
     """
     V.check_int_range("num_devices", num_devices, 1, MAX_FLEET)
-    known = list(load_hardware(hardware).devices)
-    names = known if profiles is None else list(profiles)
-    if not names:
+    hw = load_hardware(hardware)
+    known = list(hw.devices)
+    if profiles is not None and (isinstance(profiles, str) or not list(profiles)):
         raise InvalidParameterError(f"profiles={profiles!r} is invalid: must name at least one of {known}")
-    for n in names:
-        V.check_choice("profiles", n, known)
+    names = known if profiles is None else [hw.device_key(n, "profiles") for n in profiles]  # keys or boards
     idx = np.random.default_rng(seed).integers(0, len(names), int(num_devices))
     return tuple(names[i] for i in idx)

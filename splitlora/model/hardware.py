@@ -23,6 +23,19 @@ CHANNEL_STATES = ("Good", "Normal", "Poor")
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 
+def kappa_from_power(power_w: float, clock_hz: float) -> float:
+    """kappa = P / f^3 (W/Hz^3): the effective switched capacitance when all of ``power_w`` (W) is dynamic power at
+    ``clock_hz`` (Hz) (docs/model.md "Server energy"; with the board power at f_max, an upper bound)."""
+    return float(power_w) / float(clock_hz) ** 3
+
+
+def check_cuda_cores(name: str, cores, lo: int = 1) -> int:
+    """``cores`` as an int in [lo, 10^7]; raises InvalidParameterError naming ``name`` otherwise (2048.5, True)."""
+    if isinstance(cores, bool) or not isinstance(cores, (int, np.integer)) or not lo <= cores <= 10**7:
+        raise InvalidParameterError(f"{name}={cores!r} is invalid: must be an integer in [{lo}, 10000000]")
+    return int(cores)
+
+
 @dataclass(frozen=True)
 class DeviceSpec:
     """An edge device (Jetson board).
@@ -53,6 +66,17 @@ class DeviceSpec:
     fp16_peak_flops: float = 0.0
     bf16_supported: bool = False
     given_flops_per_s: tuple = ()
+
+    def __post_init__(self):
+        where = f"devices[{self.name!r}]"
+        check_cuda_cores(f"{where}.cuda_cores", self.cuda_cores, lo=0)
+        V.check_range(f"{where}.utilisation", self.utilisation, 1e-6, 1.0)
+        V.check_positive(f"{where}.memory_bytes", self.memory_bytes)
+        V.check_range(f"{where}.memory_reserve_bytes", self.memory_reserve_bytes, 0.0, self.memory_bytes * (1 - 1e-9))
+        V.check_positive(f"{where}.fp16_peak_flops", self.fp16_peak_flops, allow_zero=True)
+        if not isinstance(self.bf16_supported, (bool, np.bool_)):
+            raise InvalidParameterError(f"{where}.bf16_supported={self.bf16_supported!r} is invalid: must be a YAML "
+                                        "boolean, true or false (unquoted)")
 
     @property
     def flops_per_cycle(self) -> float:
@@ -154,12 +178,11 @@ class ServerSpec:
         """From datasheet numbers: g_s = 2 x CUDA cores, the clock table f_min..f_max every ``clock_step_hz`` and
         kappa = board power / f_max^3 (all board power dynamic at f_max, an upper bound; docs/model.md "Server
         energy"). Raises InvalidParameterError for a value out of range."""
-        if isinstance(cuda_cores, bool) or not isinstance(cuda_cores, (int, np.integer)) or not 1 <= cuda_cores <= 10**7:
-            raise InvalidParameterError(f"cuda_cores={cuda_cores!r} is invalid: must be an integer in [1, 10000000]")
+        cuda_cores = check_cuda_cores("cuda_cores", cuda_cores)
         V.check_positive("board_power_w", board_power_w)
         clocks = clock_table_hz(f_min_hz, f_max_hz, clock_step_hz)
         return cls(board=board, flops_per_cycle=2.0 * cuda_cores, utilisation=utilisation, clocks_hz=clocks,
-                   kappa=board_power_w / float(clocks[-1]) ** 3, static_power_w=static_power_w,
+                   kappa=kappa_from_power(board_power_w, clocks[-1]), static_power_w=static_power_w,
                    memory_bytes=memory_bytes)
 
     @property
@@ -298,6 +321,12 @@ _SERVER_KEYS = {"board", "cuda_cores", "flops_per_cycle", "gpu_min_clock_hz", "g
                 "memory_bytes", "utilisation"}
 
 
+#: Fields that give the same quantity in different ways: a user entry naming one replaces the others of a shipped entry.
+_ALTERNATIVES = ({"kappa", "board_power_w", "measured_power_w", "measured_clock_hz"},
+                 {"clocks_hz", "gpu_min_clock_hz", "gpu_clock_step_hz"},
+                 {"flops_per_cycle", "cuda_cores"}, {"flops_per_s", "fp16_peak_flops", "bf16_supported"})
+
+
 @dataclass(frozen=True)
 class Hardware:
     """The devices and servers a scenario may use: the shipped profiles with a user's file merged over them.
@@ -381,14 +410,14 @@ def _device(where: str, name: str, d: dict, eta: float) -> DeviceSpec:
             given = (("any", _number(where, d, "flops_per_s")),)
     return DeviceSpec(
         name=name, board=str(_v(d.get("board", name))),
-        cuda_cores=int(_number(where, d, "cuda_cores")) if has("cuda_cores") else 0,
+        cuda_cores=_v(d["cuda_cores"]) if has("cuda_cores") else 0,
         gpu_max_clock_hz=_number(where, d, "gpu_max_clock_hz") if has("gpu_max_clock_hz") else 0.0,
         utilisation=_number(where, d, "utilisation") if has("utilisation") else eta,
         memory_bytes=_number(where, d, "memory_bytes"),
         memory_reserve_bytes=_number(where, d, "memory_reserve_bytes", allow_zero=True) if has("memory_reserve_bytes")
         else 0.0,
         fp16_peak_flops=_number(where, d, "fp16_peak_flops", allow_zero=True) if has("fp16_peak_flops") else 0.0,
-        bf16_supported=bool(_v(d.get("bf16_supported", False))), given_flops_per_s=given)
+        bf16_supported=_v(d.get("bf16_supported", False)), given_flops_per_s=given)
 
 
 def _server(where: str, s: dict, eta: float) -> ServerSpec:
@@ -407,16 +436,13 @@ def _server(where: str, s: dict, eta: float) -> ServerSpec:
     power = _require(where, s, ("kappa",), ("board_power_w",), ("measured_power_w", "measured_clock_hz"))
     if power == ("kappa",):
         kappa = _number(where, s, "kappa")
-    elif power == ("board_power_w",):  # all board power is dynamic at f_max: an upper bound on kappa
-        kappa = _number(where, s, "board_power_w") / float(clocks[-1]) ** 3
+    elif power == ("board_power_w",):
+        kappa = kappa_from_power(_number(where, s, "board_power_w"), clocks[-1])
     else:
-        kappa = _number(where, s, "measured_power_w") / _number(where, s, "measured_clock_hz") ** 3
-    if not g:
-        cores = _v(s["cuda_cores"])
-        if isinstance(cores, bool) or not isinstance(cores, int) or not 1 <= cores <= 10**7:
-            raise InvalidParameterError(f"{where}.cuda_cores={cores!r} is invalid: must be an integer in [1, 10000000]")
+        kappa = kappa_from_power(_number(where, s, "measured_power_w"), _number(where, s, "measured_clock_hz"))
     return ServerSpec(board=str(_v(s.get("board", where))),
-                      flops_per_cycle=_number(where, s, "flops_per_cycle") if g else 2.0 * _v(s["cuda_cores"]),
+                      flops_per_cycle=_number(where, s, "flops_per_cycle") if g
+                      else 2.0 * check_cuda_cores(f"{where}.cuda_cores", _v(s["cuda_cores"])),
                       utilisation=_number(where, s, "utilisation") if "utilisation" in s else eta, clocks_hz=clocks,
                       kappa=kappa, static_power_w=_number(where, s, "static_power_w", allow_zero=True)
                       if "static_power_w" in s else 0.0,
@@ -438,7 +464,12 @@ def _merge(base: dict, user: dict, where: str) -> dict:
                 raise InvalidParameterError(f"{where}: {section}={user[section]!r} is invalid: must be a mapping")
             for key, entry in user[section].items():
                 if isinstance(entry, dict) and isinstance(merged.get(key), dict) and "value" not in entry:
-                    merged[key] = {**merged[key], **entry}  # a user entry overrides the fields it names
+                    base_entry = dict(merged[key])
+                    for group in _ALTERNATIVES:  # a user's kappa replaces the shipped board power, and so on
+                        if set(entry) & group:
+                            for k in group - set(entry):
+                                base_entry.pop(k, None)
+                    merged[key] = {**base_entry, **entry}  # a user entry overrides the fields it names
                 else:
                     merged[key] = entry
             out[section] = merged
@@ -478,11 +509,13 @@ def _load_hardware(shipped: tuple, user: tuple | None = None) -> Hardware:
             raise InvalidParameterError(f"hardware={user[0]!r} is invalid: not YAML ({err})") from None
         raw, source = _merge(raw, parsed, user[0]), user[0]
     eta = raw["utilisation"]
-    eta_d, eta_s = float(_v(eta["device"])), float(_v(eta["server"]))
+    eta_d, eta_s = (_number("utilisation", eta, k) for k in ("device", "server"))
+    V.check_range("utilisation.device", eta_d, 1e-6, 1.0)
+    V.check_range("utilisation.server", eta_s, 1e-6, 1.0)
     devices = {str(n): _device(f"devices[{n!r}]", str(n), d, eta_d) for n, d in raw["devices"].items()}
     servers = {str(n): _server(f"servers[{n!r}]", s, eta_s) for n, s in raw["servers"].items()}
     hw = Hardware(devices, servers, str(raw["default_server"]), source)
-    hw.server()  # the default server exists
+    hw.server(None, "default_server")  # the default server exists
     return hw
 
 

@@ -81,6 +81,8 @@ class Scenario:
             object.__setattr__(self, "hardware", str(self.hardware))
         hw = self.hardware_profiles()
         object.__setattr__(self, "devices", tuple(hw.device_key(d, "devices") for d in self.devices))
+        for d in self.devices:  # a profile without a throughput for this precision fails here, not later
+            hw.devices[d].sustained_flops_per_s(self.precision)
         if not self.devices:
             raise InvalidParameterError("devices=() is invalid: must name at least one of " + str(list(hw.devices)))
         hw.server(self.server)

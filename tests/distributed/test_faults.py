@@ -184,3 +184,15 @@ def test_server_checkpoint_appends_a_turn_and_resume_drops_rows_written_after_it
     (ck / "server.events.jsonl").write_text("")  # rows the checkpoint counts are missing: refused with its path
     with pytest.raises(InvalidParameterError, match=r"server\.pt.* is invalid: server\.events\.jsonl holds 0 of"):
         roles.Server(cfg)
+
+
+def test_an_incomplete_run_is_not_resumed_into_ending_again(tmp_path, monkeypatch, capsys):
+    """A run that ended incomplete left a checkpoint after its last turn: the next run in the same folder is refused
+    with what to do (it used to resume, skip every turn and end incomplete at once, without waiting for devices)."""
+    monkeypatch.setenv(wire.SECRET_ENV, SECRET)
+    cfg = config.config_from_dict(base_config(tmp_path, dist={"startup_timeout_s": 0.3}))
+    assert launch.run_role(cfg, 0, 2) == 1  # no device ever joins
+    with pytest.raises(InvalidParameterError, match=r"incomplete run that ended after every turn \(0 of 4 mini-batches"
+                                                    r".*delete .*ck.* or set dist\.resume: false"):
+        roles.Server(cfg)
+    roles.Server(config.config_from_dict(base_config(tmp_path, dist={"startup_timeout_s": 0.3, "resume": False})))

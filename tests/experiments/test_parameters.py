@@ -100,3 +100,13 @@ def test_a_notebook_takes_string_lists_server_and_a_user_hardware_file(tmp_path,
     np.testing.assert_allclose(table.frequency_ghz, want.frequency_ghz, rtol=1e-12)
     recorded = json.loads((tmp_path / "fig2_optimal_cut.json").read_text())["parameters"]
     assert recorded["weights"] == [0.2, 0.6] and recorded["server"] == "A100 SXM4 80GB" and "w" not in recorded
+
+
+def test_a_list_string_for_a_none_default_is_parsed_and_a_broken_cell_is_named(tmp_path):
+    assert coerce_parameter("cuts", "[20, 15, 0]", None) == [20, 15, 0]
+    assert coerce_parameter("model_name_or_path", "/models/x", None) == "/models/x"  # paths stay strings
+    with pytest.raises(InvalidParameterError, match=r"cuts='\[20, 15' is invalid: must be YAML"):
+        coerce_parameter("cuts", "[20, 15", None)
+    path = _notebook(tmp_path, "smoke = False\nw = (\n")
+    with pytest.raises(InvalidParameterError, match=r"demo.ipynb's parameters cell is invalid: a code cell does not parse"):
+        declared_parameters(path)

@@ -85,7 +85,7 @@ def test_scenario_with_user_hardware_is_what_card_plans_with(user_file):
     ({"devices": {"X": {"flops": 1e12, "memory_bytes": 1e9}}}, r"devices\['X'\] has unknown fields \['flops'\]"),
     ({"servers": {"S": {"clocks_hz": [1e9], "cuda_cores": 10}}}, r"servers\['S'\] is incomplete: must give kappa"),
     ({"servers": {"S": {"clocks_hz": [], "cuda_cores": 10, "kappa": 1e-26}}}, r"clocks_hz=\[\] is invalid"),
-    ({"default_server": "nope"}, r"server='nope' is invalid: must be one of"),
+    ({"default_server": "nope"}, r"default_server='nope' is invalid: must be one of"),
 ])
 def test_bad_user_hardware_is_refused_naming_the_field(tmp_path, content, message):
     path = tmp_path / "hw.yaml"
@@ -111,7 +111,23 @@ def test_sustained_flops_per_precision_from_the_user_file(tmp_path):
         P, _ = Scenario(hardware=str(path), devices=("NPU",), precision=precision).device_arrays()
         assert P[0] == want
     with pytest.raises(InvalidParameterError, match=r"precision='bf16' is invalid for NPU: its flops_per_s gives only"):
-        Scenario(hardware=str(path), devices=("NPU",), precision="bf16").device_arrays()
+        Scenario(hardware=str(path), devices=("NPU",), precision="bf16")  # refused when the scenario is built
     path.write_text(yaml.safe_dump({"devices": {"NPU": {"flops_per_s": {"int8": 1e12}, "memory_bytes": 8e9}}}))
     with pytest.raises(InvalidParameterError, match=r"flops_per_s has precisions \['int8'\]: must be among"):
         load_hardware(path)
+
+
+def test_a_user_power_field_replaces_the_shipped_ones_and_device_fields_are_checked(tmp_path):
+    """A measured power given for a shipped server replaces its board power (it was silently ignored); utilisation,
+    reserve, bf16_supported and cuda_cores of a device are checked with named errors."""
+    path = tmp_path / "hw.yaml"
+    path.write_text(yaml.safe_dump({"servers": {"RTX 4060 Ti 16GB": {"measured_power_w": 120.0,
+                                                                     "measured_clock_hz": 2.0e9}}}))
+    assert load_hardware(path).server().kappa == pytest.approx(120.0 / 2.0e9 ** 3, rel=1e-12)
+    for entry, message in (({"utilisation": 7}, r"utilisation=7.* is invalid: must be in \[1e-06, 1.0\]"),
+                           ({"memory_reserve_bytes": 9e9}, r"memory_reserve_bytes=9000000000.0 is invalid"),
+                           ({"bf16_supported": "false"}, r"bf16_supported='false' is invalid: must be a YAML boolean"),
+                           ({"cuda_cores": 3.7}, r"cuda_cores=3.7 is invalid: must be an integer")):
+        path.write_text(yaml.safe_dump({"devices": {"Device 5": entry}}))
+        with pytest.raises(InvalidParameterError, match=r"devices\['Device 5'\]\." + message):
+            load_hardware(path)
