@@ -13,7 +13,7 @@ import pandas as pd
 
 from splitlora import _validate as V
 from splitlora.errors import InvalidParameterError
-from splitlora.model.baselines import POLICIES, reductions, run_policies, run_policies_rounds
+from splitlora.model.baselines import AVERAGING, POLICIES, reductions, run_policies, run_policies_rounds
 from splitlora.model.card import best_clock_hz, card, exhaustive_search
 from splitlora.model.parallel import card_rounds
 from splitlora.model.hardware import CHANNEL_STATES, load_channel, load_devices
@@ -152,7 +152,7 @@ def average_reductions(comparison: pd.DataFrame, condition: str = "Markov", benc
                        averaging: str = "pooled") -> dict:
     """Mean of CARD's delay and energy reductions over ``benchmarks`` (finite values only) for one condition, by
     one averaging rule ("pooled" over device-rounds or "per round", :data:`splitlora.model.baselines.AVERAGING`)."""
-    V.check_choice("averaging", averaging, ("pooled", "per round"))
+    V.check_choice("averaging", averaging, AVERAGING)
     sub = comparison[(comparison.condition == condition) & comparison.policy.isin(benchmarks)]
     tail = "" if averaging == "pooled" else "_per_round"
     d, e = sub["delay_reduction" + tail], sub["energy_reduction" + tail]

@@ -14,6 +14,7 @@ import pandas as pd
 from splitlora import _validate as V
 from splitlora.experiments.analytic import (BENCHMARK_SETS, PAPER_DELAY_REDUCTION, PAPER_ENERGY_REDUCTION, _pattern,
                                             average_reductions, policy_comparison)
+from splitlora.model.baselines import AVERAGING
 from splitlora.model.hardware import CHANNEL_STATES, PRECISIONS, ChannelSpec, load_channel
 from splitlora.model.scenario import Scenario
 from splitlora.model.system import SCHEDULES
@@ -23,7 +24,7 @@ TOLERANCE = 0.05
 #: The sampled unknowns and their ranges (docs/model.md "Inverse reproduction").
 SPACE = {
     "schedule": SCHEDULES, "precision": PRECISIONS, "benchmark_set": tuple(BENCHMARK_SETS),
-    "averaging": ("pooled", "per round"), "steps_per_round": (1, 2, 5, 10, 20), "batch_size": (1, 2, 4, 8),
+    "averaging": AVERAGING, "steps_per_round": (1, 2, 5, 10, 20), "batch_size": (1, 2, 4, 8),
     "seq_len": (128, 256, 512, 1024), "w": (0.05, 0.95), "device_utilisation": (0.1, 0.6),
     "bandwidth_mhz": (5.0, 100.0), "snr_normal_db": (0.0, 25.0), "snr_spread_db": (3.0, 15.0),
 }
@@ -54,9 +55,11 @@ def sample_scenario(params, base: Scenario | None = None):
 
 
 def _scenario(params, base: Scenario) -> Scenario:
+    eta = float(np.mean([d.utilisation for d in base.device_specs().values()]))  # the profiles' own utilisation
     return replace(base, schedule=params["schedule"], precision=params["precision"], w=float(params["w"]),
                    steps_per_round=int(params["steps_per_round"]), batch_size=int(params["batch_size"]),
-                   seq_len=int(params["seq_len"]), compute_scale=float(params["device_utilisation"]) / 0.4)
+                   seq_len=int(params["seq_len"]),
+                   compute_scale=base.compute_scale * float(params["device_utilisation"]) / eta)
 
 
 def _rates(params) -> np.ndarray:
