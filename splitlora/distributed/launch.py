@@ -16,6 +16,7 @@ from dataclasses import replace
 
 from splitlora._validate import check_int_range
 from splitlora.distributed.config import RunConfig, check_run_config, load_config, parse_set
+from splitlora.distributed.parallel_roles import ParallelServer
 from splitlora.distributed.roles import Device, RunIncomplete, Server
 from splitlora.distributed.wire import SECRET_ENV
 from splitlora.errors import InvalidParameterError
@@ -31,7 +32,7 @@ def run_role(cfg: RunConfig, rank: int, world_size: int) -> int:
     check_int_range("RANK", rank, 0, world_size - 1)
     check_run_config(cfg)
     if rank == 0:
-        server = Server(cfg)
+        server = (Server if cfg.mode == "sequential" else ParallelServer)(cfg)
         try:
             server.serve()
         except RunIncomplete as err:

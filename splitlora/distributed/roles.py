@@ -463,7 +463,7 @@ class Server:
         """Write the outputs if every configured mini-batch was trained; else keep the outputs of any earlier
         run as they are, write what was trained (if anything) to ``<output folder>/incomplete`` and raise
         RunIncomplete with the reason."""
-        skipped = [(e["round"], e["device"]) for e in self.events if e["event"] == "skipped"]
+        skipped = [(e["round"], e["device"]) for e in self.events if e["event"] in ("skipped", "left_out")]
         summary = {"steps": self.global_step, "expected_steps": self.total_steps, "skipped": skipped}
         if self.global_step == self.total_steps:
             self.write_outputs(self.out)

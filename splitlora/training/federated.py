@@ -204,7 +204,7 @@ def run_parallel(trainer: SplitTrainer, device_batches, cut_of: Callable[[int, i
                           handover[m] if i == 0 else 0, r.device_time_s, r.server_time_s)
             trainer.logs.append(log)
             trainer.global_step += 1
-        done = [m for m in range(M) if kept[m] >= I[m]]  # the participants of the average
+        done = [m for m in range(M) if (n, m) not in (lost or {})]  # the participants of the average
         models = [_merge(_subset(server[m], cut_parts(cuts[m])[3]), local[m]) for m in done]
         base = server[0] if mode == "splitfed" else glob  # matrices no participant holds
         _load_global(trainer, _merge(base, fedavg_payloads(models, [sample_weights[m] for m in done])), cuts[0])
