@@ -34,7 +34,7 @@ def test_fingerprint_of_the_default_mode_is_unchanged_and_modes_differ(tmp_path)
 
 def test_parallel_modes_plan_their_cuts(tmp_path):
     """fedlora: c = L for every device; splitfed with cut: card: the parallel schedule's CARD, not the sequential
-    one (the same inputs give other cuts here), scaled to the trained model's units."""
+    one, scaled to the trained model's units."""
     base = base_config(tmp_path, devices=TWO, cut="card", card_scenario={"granularity": "sublayer"}, rounds=3)
     fl = plan.RunPlan.build(config.config_from_dict({**base, "mode": "fedlora"}))
     assert fl.planned_cuts() == [[fl.num_units] * 2] * 3
