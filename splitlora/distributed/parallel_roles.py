@@ -46,6 +46,7 @@ class ParallelServer(Server):
         self._listen()
         self.event("listening", addr=self.d.addr, port=self.d.port, mode=self.cfg.mode)
         self._lost_last: set[int] = set()
+        self._over_memory: set[int] = set()
         try:
             while self.turn < self.cfg.rounds:
                 self._round(self.turn)
@@ -97,6 +98,12 @@ class ParallelServer(Server):
             r = float(self.plan.rates_bps[n, m])
             card_rates.append(self.rate_est.get(m, r) if cfg.link.rate_source == "measured" else r)
         cuts = self.plan.round_cuts(n, profiles, card_rates)
+        if cfg.mode == "fedlora":  # federated LoRA ignores device memory: say which devices could not hold the model
+            need = float(self.plan.cost_model.device_memory_bytes[-1])
+            for m in conns:
+                if profiles[m][1] < need and m not in self._over_memory:
+                    self._over_memory.add(m)
+                    self.event("exceeds_memory", device=m, needed_bytes=need, memory_bytes=float(profiles[m][1]))
         glob = node.export(node.owned)
         parts = {}
         for m, c in enumerate(cuts):

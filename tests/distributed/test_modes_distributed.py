@@ -69,11 +69,17 @@ def test_splitfed_two_devices_heterogeneous_cuts_equal_in_process(tmp_path):
 def test_fedlora_two_devices_equal_in_process(tmp_path):
     """fedlora: each device trains the whole LoRA model (c = L, only its losses cross the link), the server
     averages the adapters: losses and adapter as in-process."""
-    cfg = base_config(tmp_path, devices=TWO, cut="card", mode="fedlora")
+    cfg = base_config(tmp_path, devices=TWO, cut="card", mode="fedlora", card_scenario={"granularity": "sublayer"})
     codes, cl = _run(tmp_path, cfg)
     assert codes == {0: 0, 1: 0, 2: 0}, cl.logs()
     logs, _ = assert_same_as_in_process(cfg)
     assert {x["cut_layer"] for x in logs} == {4} and all(x["bytes_up"] == 0 for x in logs)
+    # the devices that could not hold the whole model (of the planning scenario, Llama-3.2-1B) are named
+    rc = config.config_from_dict(cfg)
+    need = plan.RunPlan.build(rc).cost_model.device_memory_bytes[-1]
+    events = json.loads((Path(cfg["dist"]["output_dir"]) / "events.json").read_text())
+    assert sorted(e["device"] for e in events if e["event"] == "exceeds_memory") == \
+        [m for m in range(2) if plan.device_profile(rc, m)[1] < need]
 
 
 @pytest.mark.slow
