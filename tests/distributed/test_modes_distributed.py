@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from splitlora.distributed import config, plan
+from splitlora.distributed import config, launch, plan
 from tests.distributed.harness import Cluster, assert_same_as_in_process, base_config, write_config
 
 TWO = ["Device 3", "Device 5"]
@@ -47,6 +47,10 @@ def test_parallel_modes_plan_their_cuts(tmp_path):
         d = card_parallel(sf.cost_model, [[p[0] for p in P]], [sf.rates_bps[n]], [sf.rates_bps[n]],
                           [[p[1] for p in P]], sf.config.w, discrete_clocks=True)
         assert row == [round(max(int(c), 0) * sf.num_units / sf.cost_model.n_cuts) for c in d.cut_layer[0]]
+    # the dry run shows the same plan, with the parallel schedule's clock shares (summing to <= f_max per round)
+    plan_df = launch.dry_run(sf.config)
+    assert plan_df["cut_layer"].tolist() == [c for row in sf.planned_cuts() for c in row]
+    assert (plan_df.groupby("round")["clock_ghz"].sum() * 1e9 <= sf.cost_model.f_max_hz * (1 + 1e-9)).all()
 
 
 @pytest.mark.slow
