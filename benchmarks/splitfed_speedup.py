@@ -112,7 +112,11 @@ def main(argv=None) -> dict:
     for mode in ("sequential", "splitfed"):
         with tempfile.TemporaryDirectory() as tmp:
             logs, events = _run_distributed({**sp, "mode": mode}, Path(tmp))
-        runs[mode] = {"round_s": _round_seconds(events, mode, rounds), "logs": logs}
+        warm_logs = [x for x in logs if x["round"] > 0]
+        runs[mode] = {"round_s": _round_seconds(events, mode, rounds), "logs": logs,
+                      # per mini-batch compute as each side logged it: longer under splitfed = CPU time-sliced
+                      "device_time_s": statistics.mean(x["device_time_s"] for x in warm_logs),
+                      "server_time_s": statistics.mean(x["server_time_s"] for x in warm_logs)}
         print(f"{mode}: round times {[round(x, 3) for x in runs[mode]['round_s']]} s", flush=True)
     seq_logs = runs["sequential"]["logs"]
     warm = [x for x in seq_logs if x["round"] > 0]
@@ -123,6 +127,8 @@ def main(argv=None) -> dict:
     result["speedup"] = {"devices": K, "processes": K + 1, "cut": sp["cut"], "measured": seq_r / par_r,
                          "sequential_round_s": seq_r, "splitfed_round_s": par_r,
                          "round_s": {m: runs[m]["round_s"] for m in runs}, "predicted": pred,
+                         "compute_s_per_minibatch": {m: {k: runs[m][k] for k in ("device_time_s", "server_time_s")}
+                                                     for m in runs},
                          "load_average_after": os.getloadavg()}
     print(f"speed-up K={K}: measured {seq_r / par_r:.3f} ({seq_r:.3f} s / {par_r:.3f} s per round), "
           f"predicted {pred['speedup']:.3f}", flush=True)
