@@ -437,6 +437,9 @@ class Server:
     def serve(self) -> dict:
         """Run every remaining turn, tell the devices to stop, write the outputs (:meth:`finish`). Returns a
         summary; raises RunIncomplete for a run that trained fewer mini-batches than configured."""
+        if self.cfg.mode != "sequential":  # the parallel modes: splitlora.distributed.parallel_roles.ParallelServer
+            raise InvalidParameterError(f"mode={self.cfg.mode!r} is invalid for Server: must be 'sequential' (use "
+                                        "splitlora.distributed.parallel_roles.ParallelServer)")
         self._listen()
         self.event("listening", addr=self.d.addr, port=self.d.port)
         try:
