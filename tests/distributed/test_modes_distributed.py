@@ -119,3 +119,18 @@ def test_splitfed_device_killed_mid_round_is_left_out_and_logged(tmp_path):
     # averaging device 1's lost adapter in would have given another result
     full = plan.run_in_process(config.config_from_dict(cfg)).adapter_state()
     assert any(not torch.equal(full[key], want[key]) for key in want)
+
+
+@pytest.mark.parametrize("mode", ["splitfed", "fedlora"])
+def test_device_absent_every_round_is_the_run_without_it(tmp_path, mode):
+    """In-process rule of the server: a device left out of every round (``skip``) gives exactly the run of the
+    other device alone (the same data: random tokens seeded per device index)."""
+    two = config.config_from_dict(base_config(tmp_path, devices=TWO, cut=[[2, 2], [2, 2]], mode=mode))
+    one = config.config_from_dict(base_config(tmp_path, cut=[[2], [2]], mode=mode))
+    a = plan.run_in_process(two, skip=[(0, 1), (1, 1)])
+    b = plan.run_in_process(one)
+    assert [x.loss for x in a.logs] == [x.loss for x in b.logs]
+    want = b.adapter_state()
+    assert all(torch.equal(v, want[k]) for k, v in a.adapter_state().items())
+    c = plan.run_in_process(two)  # and the run with both differs
+    assert any(not torch.equal(v, want[k]) for k, v in c.adapter_state().items())
