@@ -21,6 +21,8 @@ from splitlora.model.scenario import Scenario
 from splitlora.training.models import resolve_source, tiny_llama_config
 from splitlora.training.trainer import SplitTrainConfig
 
+#: Training modes of distributed runs (splitlora.training.federated.MODES less SFL-V1, which runs in-process only).
+DIST_MODES = ("sequential", "splitfed", "fedlora")
 SYNTHETIC_GSM8K = "gsm8k:synthetic"  # RunConfig.data: the offline GSM8K-format default of splitlora.training.data
 SHIPPED_GSM8K = "gsm8k"  # RunConfig.data: the shipped copy of GSM8K (splitlora.training.data.load_gsm8k)
 
@@ -182,7 +184,10 @@ class RunConfig:
     scenario's model (e.g. Llama-3.2-1B, L' units) and the trained model gets the cut round(c' L / L'), so a small
     model can stand in for the paper's. hardware: the user's hardware YAML merged over data/hardware.yaml (docs/model.md
     "Your own hardware") [None]. server: server profile key or board CARD plans for [None: the default server].
-    link: :class:`LinkConfig`. dist: :class:`DistConfig`.
+    link: :class:`LinkConfig`. dist: :class:`DistConfig`. mode: the training mode (:data:`DIST_MODES`,
+    docs/distributed.md "Training modes"): "sequential" (devices take turns), "splitfed" (SFL-V2: the devices of
+    a round in parallel, one server-side adapter, FedAvg of the device-side adapters) or "fedlora" (no split,
+    FedAvg of whole adapters) ["sequential"].
     """
     model: dict = field(default_factory=lambda: {"hidden_size": 32, "num_layers": 2, "seed": 0})
     lora: dict = field(default_factory=lambda: {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0,
@@ -203,6 +208,7 @@ class RunConfig:
     dist: DistConfig = DistConfig()
     hardware: str | None = None
     server: str | None = None
+    mode: str = "sequential"
 
     def __post_init__(self):
         for k in ("batch_size", "seq_len", "batches_per_device", "rounds", "steps_per_round"):
@@ -228,6 +234,10 @@ class RunConfig:
             raise InvalidParameterError(f"devices={list(self.devices)!r} is invalid: must name 1 to "
                                         f"{LIMITS['devices']} devices")
         check_number("w", self.w, 0.0, 1.0)
+        check_choice("mode", self.mode, DIST_MODES)
+        if self.mode == "splitfed" and self.cut == "card" and self.w <= 0:
+            raise InvalidParameterError(f"w={self.w!r} is invalid with mode='splitfed' and cut='card': must be in "
+                                        "(0, 1] (the parallel schedule's CARD has no optimum at w = 0)")
         check_text("hardware", self.hardware, optional=True)
         check_text("server", self.server, optional=True)
         if self.card_scenario is not None:
@@ -271,6 +281,8 @@ class RunConfig:
                 d.pop(k)
         if self.hardware is not None and Path(self.hardware).is_file():  # its contents, not only its path
             d["hardware_sha256"] = hashlib.sha256(Path(self.hardware).read_bytes()).hexdigest()
+        if d["mode"] == "sequential":
+            d.pop("mode")  # as for ``data``: fingerprints from before the field existed hold
         digest = hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).digest()
         return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 

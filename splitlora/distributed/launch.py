@@ -16,6 +16,7 @@ from dataclasses import replace
 
 from splitlora._validate import check_int_range
 from splitlora.distributed.config import RunConfig, check_run_config, load_config, parse_set
+from splitlora.distributed.parallel_roles import ParallelServer
 from splitlora.distributed.roles import Device, RunIncomplete, Server
 from splitlora.distributed.wire import SECRET_ENV
 from splitlora.errors import InvalidParameterError
@@ -31,7 +32,7 @@ def run_role(cfg: RunConfig, rank: int, world_size: int) -> int:
     check_int_range("RANK", rank, 0, world_size - 1)
     check_run_config(cfg)
     if rank == 0:
-        server = Server(cfg)
+        server = (Server if cfg.mode == "sequential" else ParallelServer)(cfg)
         try:
             server.serve()
         except RunIncomplete as err:
@@ -83,6 +84,8 @@ def dry_run(cfg: RunConfig):
     model, prof = pl.cost_model(cfg, hf_config)
     units = prof.n_cuts
     states, rates = pl.channel_rates(cfg)
+    if cfg.mode != "sequential":
+        return pd.DataFrame(_dry_run_parallel(cfg, model, units, states, rates))
     rows = []
     for n in range(cfg.rounds):
         for m in range(cfg.num_devices):
@@ -102,6 +105,37 @@ def dry_run(cfg: RunConfig):
                          "rate_mbps": R / 1e6, "cut_layer": cut, "planning_cut": planned, "clock_ghz": f / 1e9,
                          "delay_s": delay, "energy_j": energy})
     return pd.DataFrame(rows)
+
+
+def _dry_run_parallel(cfg: RunConfig, model, units: int, states, rates) -> list[dict]:
+    """:func:`dry_run`'s rows for a parallel mode: the round's cuts (:func:`~splitlora.distributed.plan.round_cuts`),
+    each device's clock share (splitfed with CARD: the parallel CARD's; else equal shares of f_max) and finish time
+    and server energy of the parallel schedule (:meth:`~splitlora.model.system.CostModel.parallel_round`)."""
+    import numpy as np
+
+    from splitlora.distributed import plan as pl
+    from splitlora.model.parallel import card_parallel
+
+    M = cfg.num_devices
+    prof = [pl.device_profile(cfg, m) for m in range(M)]
+    P, Mem = np.array([[p[0] for p in prof]]), np.array([[p[1] for p in prof]])
+    rows = []
+    for n in range(cfg.rounds):
+        R = rates[n][None, :]
+        cuts = pl.round_cuts(cfg, model, n, prof, rates[n], units)
+        if cfg.mode == "splitfed" and cfg.cut == "card":
+            d = card_parallel(model, P, R, R, Mem, cfg.w, discrete_clocks=True)
+            planned, f, delay, energy = d.cut_layer[0], d.frequency_hz[0], d.delay_s[0], d.energy_j[0]
+        else:
+            planned = np.array([[round(c * model.n_cuts / units) for c in cuts]])
+            f = np.where(planned < model.n_cuts, model.f_max_hz / max(int((planned < model.n_cuts).sum()), 1), 0.0)
+            _, _, delay, energy = model.parallel_round(planned, f, P, R, R)
+            planned, f, delay, energy = planned[0], f[0], delay[0], energy[0]
+        rows += [{"round": n, "device": m, "device_name": cfg.devices[m], "channel_state": str(states[n, m]),
+                  "rate_mbps": float(rates[n, m]) / 1e6, "cut_layer": int(cuts[m]), "planning_cut": int(planned[m]),
+                  "clock_ghz": float(f[m]) / 1e9, "delay_s": float(delay[m]), "energy_j": float(energy[m])}
+                 for m in range(M)]
+    return rows
 
 
 def _override(cfg: RunConfig, args) -> RunConfig:

@@ -4,6 +4,7 @@ Source: docs/distributed.md.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import torch
 from splitlora.distributed.config import SYNTHETIC_GSM8K, DistConfig, RunConfig, planning_scenario
 from splitlora.errors import InvalidParameterError
 from splitlora.model.card import card
+from splitlora.model.parallel import card_parallel
 from splitlora.model.hardware import CHANNEL_STATES, load_channel, load_hardware
 from splitlora.model.profile import ATTN_TARGETS, MLP_TARGETS, profile_model, wire_bytes_of
 from splitlora.model.scenario import channel_states
@@ -143,9 +145,12 @@ def cost_model(cfg: RunConfig, hf_config):
                          lora_rank=int(cfg.lora.get("r", 8)), lora_targets=targets or ATTN_TARGETS,
                          param_bytes=4, wire_bytes=wire)
     if cfg.card_scenario is not None:
-        return planning_scenario(cfg).cost_model(), prof
-    server = load_hardware(cfg.hardware).server(cfg.server)
-    return CostModel.from_profile(prof, server, Workload(cfg.steps_per_round)), prof
+        cm = planning_scenario(cfg).cost_model()
+    else:
+        cm = CostModel.from_profile(prof, load_hardware(cfg.hardware).server(cfg.server), Workload(cfg.steps_per_round))
+    if cfg.mode == "splitfed" and not cm.parallel:  # splitfed: the parallel schedule (docs/model.md)
+        cm = dataclasses.replace(cm, schedule="parallel-pipelined" if cm.pipelined else "parallel")
+    return cm, prof
 
 
 def decide_cut(cfg: RunConfig, model, n: int, m: int, flops_per_s: float, memory_bytes: float, rate_bps: float,
@@ -158,6 +163,22 @@ def decide_cut(cfg: RunConfig, model, n: int, m: int, flops_per_s: float, memory
         return int(cfg.cut)
     d = card_decision(cfg, model, flops_per_s, memory_bytes, rate_bps)
     return round(max(int(d.cut_layer[0]), 0) * num_units / model.n_cuts)
+
+
+def round_cuts(cfg: RunConfig, model, n: int, profiles, rates_bps, num_units: int) -> list[int]:
+    """Cut layer of every device in round n of a parallel mode: ``fedlora``: L (no split, by definition);
+    ``splitfed``: the schedule, or the parallel schedule's CARD (:func:`splitlora.model.parallel.card_parallel`,
+    all devices of the round jointly) from the reported ``profiles`` [(FLOP/s, memory bytes)] and up-link
+    ``rates_bps`` (bit/s), one per device, scaled to ``num_units`` as :func:`decide_cut` does (infeasible: 0)."""
+    M = cfg.num_devices
+    if cfg.mode == "fedlora":
+        return [num_units] * M
+    if cfg.cut != "card":
+        return [decide_cut(cfg, model, n, m, 1.0, 1.0, 1.0, num_units) for m in range(M)]
+    P, Mem = [[float(p[0]) for p in profiles]], [[float(p[1]) for p in profiles]]
+    R = [[float(r) for r in rates_bps]]
+    d = card_parallel(model, P, R, R, Mem, cfg.w, discrete_clocks=True)
+    return [round(max(int(c), 0) * num_units / model.n_cuts) for c in d.cut_layer[0]]
 
 
 def card_decision(cfg: RunConfig, model, flops_per_s: float, memory_bytes: float, rate_bps: float):
@@ -211,9 +232,17 @@ class RunPlan:
         """Cut layer of device m in round n from its reported profile and the up-link rate (:func:`decide_cut`)."""
         return decide_cut(self.config, self.cost_model, n, m, flops_per_s, memory_bytes, rate_bps, self.num_units)
 
+    def round_cuts(self, n: int, profiles, rates_bps) -> list[int]:
+        """Cut layer of every device in round n of a parallel mode (:func:`round_cuts`)."""
+        return round_cuts(self.config, self.cost_model, n, profiles, rates_bps, self.num_units)
+
     def planned_cuts(self) -> list[list[int]]:
-        """Cut of every (round, device) when every device reports its configured profile and the model's rate."""
+        """Cut of every (round, device) when every device reports its configured profile and the model's rate
+        (per round and jointly for the parallel modes: :meth:`round_cuts`)."""
         cfg = self.config
+        if cfg.mode != "sequential":
+            profiles = [device_profile(cfg, m) for m in range(cfg.num_devices)]
+            return [self.round_cuts(n, profiles, self.rates_bps[n]) for n in range(cfg.rounds)]
         return [[self.decide_cut(n, m, *device_profile(cfg, m), self.rates_bps[n, m]) for m in range(cfg.num_devices)]
                 for n in range(cfg.rounds)]
 
@@ -223,9 +252,11 @@ def planned_cuts(cfg: RunConfig) -> list[list[int]]:
     return RunPlan.build(cfg).planned_cuts()
 
 
-def run_in_process(cfg: RunConfig, skip=(), cuts=None) -> SplitTrainer:
-    """The same run with the in-process :class:`SplitTrainer`; ``skip``: (round, device) turns left out; ``cuts``:
-    the cut of every (round, device) (N x M), default :meth:`RunPlan.planned_cuts`. Raises ValueError for
+def run_in_process(cfg: RunConfig, skip=(), cuts=None, lost=None) -> SplitTrainer:
+    """The same run with the in-process :class:`SplitTrainer` in ``cfg.mode``; ``skip``: (round, device) turns left
+    out; ``lost`` (parallel modes): {(round, device): mini-batches the server applied before it lost the device}
+    (:func:`splitlora.training.federated.run_parallel`); ``cuts``: the cut of every (round, device) (N x M),
+    default :meth:`RunPlan.planned_cuts`. Raises ValueError for
     ``cut: card`` with ``link.rate_source: measured`` and no ``cuts``: those decisions depend on measured transfer
     times, so pass the cuts the server logged."""
     if cuts is None and cfg.cut == "card" and cfg.link.rate_source == "measured":
@@ -237,6 +268,10 @@ def run_in_process(cfg: RunConfig, skip=(), cuts=None) -> SplitTrainer:
     cuts = plan.planned_cuts() if cuts is None else cuts
     data, I = plan.device_batches(), cfg.steps_per_round
     skip = set(map(tuple, skip))
+    if cfg.mode != "sequential":
+        lost = {**{(n, m): 0 for n, m in skip}, **{tuple(k): int(v) for k, v in (lost or {}).items()}}
+        trainer.run(data, cuts, cfg.rounds, I, mode=cfg.mode, lost=lost)
+        return trainer
     for n in range(cfg.rounds):
         for m in range(cfg.num_devices):
             if (n, m) in skip:

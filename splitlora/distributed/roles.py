@@ -441,6 +441,9 @@ class Server:
     def serve(self) -> dict:
         """Run every remaining turn, tell the devices to stop, write the outputs (:meth:`finish`). Returns a
         summary; raises RunIncomplete for a run that trained fewer mini-batches than configured."""
+        if self.cfg.mode != "sequential":  # the parallel modes: splitlora.distributed.parallel_roles.ParallelServer
+            raise InvalidParameterError(f"mode={self.cfg.mode!r} is invalid for Server: must be 'sequential' (use "
+                                        "splitlora.distributed.parallel_roles.ParallelServer)")
         self._listen()
         self.event("listening", addr=self.d.addr, port=self.d.port)
         try:
@@ -467,7 +470,7 @@ class Server:
         """Write the outputs if every configured mini-batch was trained; else keep the outputs of any earlier
         run as they are, write what was trained (if anything) to ``<output folder>/incomplete`` and raise
         RunIncomplete with the reason."""
-        skipped = [(e["round"], e["device"]) for e in self.events if e["event"] == "skipped"]
+        skipped = [(e["round"], e["device"]) for e in self.events if e["event"] in ("skipped", "left_out")]
         summary = {"steps": self.global_step, "expected_steps": self.total_steps, "skipped": skipped}
         if self.global_step == self.total_steps:
             self.write_outputs(self.out)

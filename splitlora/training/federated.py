@@ -120,8 +120,8 @@ def _load_global(trainer: SplitTrainer, state: Mapping, cut: int) -> None:
 
 def run_parallel(trainer: SplitTrainer, device_batches, cut_of: Callable[[int, int], int], rounds: int,
                  steps_per_round: Sequence[int], mode: str, *, sample_weights: Sequence[float] | None = None,
-                 checkpoint_path: str | os.PathLike | None = None, stop_after_round: int | None = None
-                 ) -> list[StepLog]:
+                 checkpoint_path: str | os.PathLike | None = None, stop_after_round: int | None = None,
+                 lost: Mapping[tuple[int, int], int] | None = None) -> list[StepLog]:
     """The rounds of a parallel ``mode`` (``"splitfed"``, ``"splitfed_v1"``, ``"fedlora"``) on ``trainer``.
 
     Round n: every device m starts from the round's global adapter (values and AdamW state) and trains
@@ -134,7 +134,11 @@ def run_parallel(trainer: SplitTrainer, device_batches, cut_of: Callable[[int, i
     device holds, sum of B over ``device_batches[m]``), so each LoRA matrix is averaged over exactly the
     participants that trained it; the result is the next round's global adapter and is loaded back into
     ``trainer``. A checkpoint (if ``checkpoint_path``) is written at each round's end; rounds already done
-    (``trainer.global_step``) are skipped. Returns ``trainer.logs``.
+    (``trainer.global_step``) are skipped. ``lost``: {(round, device): k} devices lost in that round after the
+    server had applied their first k mini-batches (0: absent the whole round; the distributed server's rule,
+    docs/distributed.md "Training modes"): their steps after the k-th are not run and their adapter is left out
+    of the average; a matrix that no remaining participant holds takes the server-side copy (splitfed) or the
+    round's global value. Returns ``trainer.logs``.
     """
     from splitlora.training.trainer import StepLog, check_has_targets
 
@@ -176,7 +180,8 @@ def run_parallel(trainer: SplitTrainer, device_batches, cut_of: Callable[[int, i
         shared = [_subset(glob, list(glob["params"]))]  # SFL-V2: one server-side copy
         server = shared * M if mode == "splitfed" else [_subset(glob, list(glob["params"])) for _ in range(M)]
         handover = [2 * payload_bytes(p) if p["params"] else 0 for p in local]  # download + upload
-        order = [(i, m) for i in range(max(I)) for m in range(M) if i < I[m]]
+        kept = {m: (lost or {}).get((n, m), I[m]) for m in range(M)}  # mini-batches of m the server applies
+        order = [(i, m) for i in range(max(I)) for m in range(M) if i < min(I[m], kept[m])]
         for i, m in order:
             d_part, s_part, d_own, s_own = cut_parts(cuts[m])
             data = device_batches[m]
@@ -199,8 +204,10 @@ def run_parallel(trainer: SplitTrainer, device_batches, cut_of: Callable[[int, i
                           handover[m] if i == 0 else 0, r.device_time_s, r.server_time_s)
             trainer.logs.append(log)
             trainer.global_step += 1
-        models = [_merge(_subset(server[m], cut_parts(cuts[m])[3]), local[m]) for m in range(M)]
-        _load_global(trainer, fedavg_payloads(models, sample_weights), cuts[0])
+        done = [m for m in range(M) if (n, m) not in (lost or {})]  # the participants of the average
+        models = [_merge(_subset(server[m], cut_parts(cuts[m])[3]), local[m]) for m in done]
+        base = server[0] if mode == "splitfed" else glob  # matrices no participant holds
+        _load_global(trainer, _merge(base, fedavg_payloads(models, [sample_weights[m] for m in done])), cuts[0])
         if checkpoint_path is not None:
             trainer.save_checkpoint(checkpoint_path)
     return trainer.logs

@@ -275,7 +275,7 @@ class SplitTrainer:
     def run(self, device_batches: Sequence[Sequence[Mapping[str, torch.Tensor]]], cut_layers: CutSchedule,
             rounds: int, steps_per_round: int | Sequence[int] = 1, *, checkpoint_path: str | os.PathLike | None = None,
             checkpoint_every: int | None = None, stop_after: int | None = None, mode: str = "sequential",
-            sample_weights: Sequence[float] | None = None) -> list[StepLog]:
+            sample_weights: Sequence[float] | None = None, lost: Mapping | None = None) -> list[StepLog]:
         """Train ``rounds`` rounds; in round n devices m = 0..M-1 take turns, each for ``steps_per_round``
         mini-batches ``device_batches[m][(n * steps_per_round + i) % len(device_batches[m])]`` with cut
         layer ``cut_layers[n][m]`` (or ``cut_layers(n, m)``; CARD decides it elsewhere). ``steps_per_round`` may
@@ -283,7 +283,8 @@ class SplitTrainer:
 
         ``mode``: ``"sequential"`` (devices take turns, above), or a parallel mode of
         :func:`splitlora.training.federated.run_parallel` (``"splitfed"`` = SFL-V2, ``"splitfed_v1"``, ``"fedlora"``;
-        ``sample_weights``: their FedAvg weights per device; docs/split-training.md "Training modes").
+        ``sample_weights``: their FedAvg weights per device; ``lost``: devices lost mid-round, as there;
+        docs/split-training.md "Training modes").
 
         Steps already done (``global_step``, e.g. after :meth:`load_checkpoint`) are skipped. A checkpoint
         is written every ``checkpoint_every`` steps when ``checkpoint_path`` is set (parallel modes: at each round's
@@ -313,8 +314,11 @@ class SplitTrainer:
                                             f"multiple of the steps of a round ({sum(steps)})")
             return run_parallel(self, device_batches, cut_of, rounds, steps, mode, sample_weights=sample_weights,
                                 checkpoint_path=checkpoint_path,
-                                stop_after_round=None if stop_after is None else stop_after // sum(steps))
-        elif sample_weights is not None:
+                                stop_after_round=None if stop_after is None else stop_after // sum(steps), lost=lost)
+        elif sample_weights is not None or lost:
+            if lost:
+                raise InvalidParameterError(f"lost={lost!r} is invalid for mode='sequential': must be None (only "
+                                            "the parallel modes average over devices)")
             raise InvalidParameterError("sample_weights is invalid for mode='sequential': must be None (nothing is "
                                         "averaged)")
         sched = [(n, m, i) for n in range(rounds) for m in range(m_dev) for i in range(steps[m])]
