@@ -28,6 +28,7 @@ _LAZY = {
     "training.step": ("DeviceHalf", "ServerHalf", "SmashedData", "split_step", "split_forward", "to_wire"),
     "training.trainer": ("SplitTrainer", "SplitTrainConfig", "StepLog", "logs_frame", "unsplit_training"),
     "training.node": ("LoraNode",),
+    "training.federated": ("fedavg", "fedavg_payloads", "MODES"),
     "training.models": ("load_model_and_tokenizer", "byte_tokenizer", "tiny_llama_config", "llama32_1b_config",
                         "model_from_config", "NAMED_MODELS"),
     "training.data": ("load_gsm8k", "synthetic_gsm8k", "tokenize_batches", "read_jsonl", "format_prompt"),

@@ -177,8 +177,8 @@ def run_parallel(trainer: SplitTrainer, device_batches, cut_of: Callable[[int, i
             check_int_range("cut_layer", c, 0, L)
             cuts.append(c)
         local = [_subset(glob, cut_parts(c)[2]) for c in cuts]
-        shared = [_subset(glob, list(glob["params"]))]  # SFL-V2: one server-side copy
-        server = shared * M if mode == "splitfed" else [_subset(glob, list(glob["params"])) for _ in range(M)]
+        copies = M if mode == "splitfed_v1" else 1  # SFL-V1: a server-side copy per device; else one (fedlora: unused)
+        server = [_subset(glob, list(glob["params"])) for _ in range(copies)] * (M // copies)
         handover = [2 * payload_bytes(p) if p["params"] else 0 for p in local]  # download + upload
         kept = {m: (lost or {}).get((n, m), I[m]) for m in range(M)}  # mini-batches of m the server applies
         order = [(i, m) for i in range(max(I)) for m in range(M) if i < min(I[m], kept[m])]
