@@ -188,13 +188,15 @@ def card_parallel(model: CostModel, device_flops_per_s, rate_up_bps, rate_down_b
     fast = _fastest_s(model, pace, np.broadcast_to(model.server_cycles, t_d.shape), fits)
 
     def descend(c, f, U, discrete, sweeps):
+        active = np.ones(N, dtype=bool)  # rounds that changed in the last sweep (the others are at a fixed point)
         for _ in range(sweeps):
             changed = np.zeros(N, dtype=bool)
             for m in range(Md):
                 # only the cuts whose lower bound (convexity in the deadline) could beat the incumbent are solved
                 keep = _lower_bound(model, pace, fast, c, f, U, m, t_d, t_l, t_h, t_ref, e_ref, w) < U[:, None] * (
                     1 - 1e-12 + 1e-9)
-                keep |= ~np.isfinite(U)[:, None]
+                keep = (keep | ~np.isfinite(U)[:, None]) & active[:, None]
+                keep[every, c[:, m]] = False  # the incumbent itself: its U again, never better
                 rows, j = np.nonzero(keep)
                 ft, Ut = np.zeros((len(rows), Md)), np.full(len(rows), np.inf)
                 if len(rows):
@@ -219,6 +221,7 @@ def card_parallel(model: CostModel, device_flops_per_s, rate_up_bps, rate_down_b
                 changed |= better
             if not changed.any():
                 break
+            active = changed
         return c, f, U
 
     every = np.arange(N)
@@ -250,9 +253,9 @@ def _lower_bound(model, pace, fast, c, f, U, m, t_d, t_l, t_h, t_ref, e_ref, w):
     """Lower bounds (N, L+1) on U of every cut layer of device m with the other devices' cuts as in c (N, M), from
     the incumbent's shares f (N, M): U(tau) = w tau / T_ref + (1 - w) / E_ref sum_m E_m(f_m(tau)) with the coupling
     dropped; the other devices' part Phi is convex in the deadline tau, so it lies above its tangent at the incumbent's
-    deadline tau0; device m's energy is at least each of the two lines of f_m(tau) alone; each line's minimum of
-    tangent + energy over tau in [max fastest finish, U T_ref / w] is in closed form (a trial beyond that upper
-    deadline cannot beat U). inf where the cut cannot finish in time."""
+    deadline tau0; the minimum of tangent + device m's energy over tau in [max fastest finish, U T_ref / w] (a trial
+    beyond that deadline cannot beat U) is at an end, a line's stationary point or the lines' crossing (convexity).
+    inf where the cut cannot finish in time; -inf (no pruning) where the bound is undefined."""
     N, M = c.shape
     I, kappa, F = model.iterations, model.kappa, model.f_max_hz
     rows = np.arange(N)[:, None]
@@ -271,17 +274,20 @@ def _lower_bound(model, pace, fast, c, f, U, m, t_d, t_l, t_h, t_ref, e_ref, w):
     lo = np.maximum(fast[:, m, :], (fast[rows, o, co].max(1) if M > 1 else np.zeros(N))[:, None])   # (N, L+1)
     hi = (U * t_ref / w)[:, None]
     gc = g[:, None]
-    Cm = model.server_cycles[None, :]
-    beta = ((1 - w) / e_ref)[:, None] * kappa * I * Cm
-    best = np.full(lo.shape, -np.inf)
+    beta = ((1 - w) / e_ref)[:, None] * kappa * I * model.server_cycles[None, :] ** 3   # E_m = beta x^2 / (1 - w) ...
+    A1, k1, A2, k2 = (p[:, m, :] if np.ndim(p) else p for p in pace)
+
+    def h(t):  # tangent slope x tau + device m's energy term at deadline t
+        x = np.maximum(k1 / (t - A1), k2 / (t - A2))
+        return gc * t + np.where(beta > 0, beta * x * x, 0.0)
+
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        for A, kk in ((pace[0], pace[1]), (pace[2], pace[3])):
-            A = A[:, m, :] if np.ndim(A) else A
-            kk = kk[:, m, :] if np.ndim(kk) else kk
-            a = beta * (kk * Cm) ** 2                                   # energy a / (tau - A)^2 on this line
-            t = np.where(gc > 0, A + np.cbrt(2 * a / gc), np.inf)
-            t = np.minimum(np.maximum(t, lo), hi)
-            best = np.maximum(best, gc * t + np.where(a > 0, a / (t - A) ** 2, 0.0))
+        cands = [lo, np.broadcast_to(hi, lo.shape)]          # h is convex: its minimum on [lo, hi] is at an end,
+        for A, kk in ((A1, k1), (A2, k2)):                    # a line's stationary point or the lines' crossing
+            cands.append(np.where(gc > 0, A + np.cbrt(2 * beta * kk * kk / gc), np.inf))
+        if np.any(k1 != k2):
+            cands.append((k1 * A2 - k2 * A1) / (k1 - k2))
+        best = np.min([h(np.minimum(np.maximum(np.nan_to_num(t, nan=np.inf), lo), hi)) for t in cands], axis=0)
     bound = (phi0 - g * tau0)[:, None] + best
     return np.where((lo <= hi) | ~ok[:, None], np.where(ok[:, None], bound, -np.inf), np.inf)
 
