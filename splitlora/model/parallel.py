@@ -292,7 +292,7 @@ def _lower_bound(model, pace, fast, c, f, U, m, t_d, t_l, t_h, t_ref, e_ref, w):
     return np.where((lo <= hi) | ~ok[:, None], np.where(ok[:, None], bound, -np.inf), np.inf)
 
 
-def _least_energy_cuts(model, pace, fits, taus, chunk: int = 32):
+def _least_energy_cuts(model, pace, fits, taus, chunk: int = 16):
     """For deadlines taus (N, G), each device's cut layer (N, G, M) of least server energy among those that fit and
     finish by tau with a share <= f_max (the first of them on ties; cut 0 where none does). A cut without server work
     (C = 0) costs no energy; for C > 0 the energy kappa I C f(tau)^2, f(tau) = max over the lines of k C / (tau - A)
@@ -304,17 +304,25 @@ def _least_energy_cuts(model, pace, fits, taus, chunk: int = 32):
     fast = _fastest_s(model, pace, np.broadcast_to(Cs, fits.shape), fits)
     pos, zero = np.flatnonzero(Cs > 0), np.flatnonzero(Cs <= 0)
     one_line = A1 is A2 and k1 == k2
-    lines = [(A1[..., pos], 1.0 / (k1 * Cs[pos] ** 1.5))] + ([] if one_line else [(A2[..., pos], 1.0 / (k2 * Cs[pos] ** 1.5))])
+    lines = [(A1[..., pos], 1.0 / (k1 * Cs[pos] ** 1.5))]
+    if not one_line:
+        lines.append((A2[..., pos], 1.0 / (k2 * Cs[pos] ** 1.5)))
     fast_pos = fast[..., pos]
     out = np.empty((N, taus.shape[1], M), dtype=np.int64)
+    v = x = None
     for i in range(0, N, chunk):
         r = slice(i, i + chunk)
         tau = taus[r, :, None, None]                                                    # (n, G, 1, 1)
-        v = None
-        for A, q in lines:
-            x = (tau - A[r, None]) * q
-            v = x if v is None else np.minimum(v, x)
-        v = np.where(tau >= fast_pos[r, None], v, -np.inf)
+        shape = (tau.shape[0], tau.shape[1], M, len(pos))
+        if v is None or v.shape != shape:
+            v, x = np.empty(shape), np.empty(shape)
+        for k, (A, q) in enumerate(lines):
+            np.multiply(np.subtract(tau, A[r, None], out=x), q, out=x)
+            if k:
+                np.minimum(v, x, out=v)
+            else:
+                v, x = x, v
+        np.copyto(v, -np.inf, where=tau < fast_pos[r, None])
         best = pos[v.argmax(-1)] if len(pos) else np.zeros(v.shape[:-1], dtype=np.int64)
         if len(zero):  # no server work: free wherever the device finishes by tau (s >= 0 on both lines, as _need_hz)
             z = fits[r, None][..., zero] & (tau - A1[r, None][..., zero] >= 0) & (tau - A2[r, None][..., zero] >= 0)
