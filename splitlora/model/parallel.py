@@ -166,7 +166,6 @@ def card_parallel(model: CostModel, device_flops_per_s, rate_up_bps, rate_down_b
     t_d, t_l, t_h = _stages(model, P, Ru, Rd)                                   # (N, M, L+1)
     t_ref, e_ref = model.parallel_references(P, Ru, Rd)
     fits = model.device_memory_bytes[None, None, :] <= Mem[..., None]           # (N, M, L+1)
-    cuts = np.arange(L + 1)
     dev = np.arange(Md)
 
     def solve(rows, c, discrete):  # rounds (K,), cuts (K, M) -> shares (K, M), U (K,); inf where a cut does not fit
@@ -179,39 +178,42 @@ def card_parallel(model: CostModel, device_flops_per_s, rate_up_bps, rate_down_b
         f[ok], U[ok] = allocate(model, cc, sel(t_d), sel(t_l), sel(t_h), t_ref[r], e_ref[r], w, discrete_clocks=discrete)
         return f, U
 
-    def trials(c, m, rows):  # every cut of device m, the others as in c, for rounds rows (K,): cuts (K (L+1), M)
-        t = np.repeat(c[rows, None], L + 1, 1)
-        t[:, :, m] = cuts
-        return t.reshape(-1, Md)
-
     pace = _pace(model, t_d, t_l, t_h)                                          # (N, M, L+1) or scalars
     fast = _fastest_s(model, pace, np.broadcast_to(model.server_cycles, t_d.shape), fits)
+
+    def evaluate(c, m, U, rows, j, discrete):  # shares and U of device m's cut j in rounds rows, others as in c
+        ft, Ut = np.zeros((len(rows), Md)), np.full(len(rows), np.inf)
+        if len(rows):
+            t = c[rows].copy()
+            t[:, m] = j
+            if discrete:  # a discrete allocation is never better than the continuous one: try only those below U
+                Uc = solve(rows, t, False)[1]
+                try_ = Uc < U[rows] * (1 - 1e-12)
+                if try_.any():
+                    ft[try_], Ut[try_] = solve(rows[try_], t[try_], True)
+            else:
+                ft, Ut = solve(rows, t, False)
+        return ft, Ut
 
     def descend(c, f, U, discrete, sweeps):
         active = np.ones(N, dtype=bool)  # rounds that changed in the last sweep (the others are at a fixed point)
         for _ in range(sweeps):
             changed = np.zeros(N, dtype=bool)
             for m in range(Md):
-                # only the cuts whose lower bound (convexity in the deadline) could beat the incumbent are solved
-                keep = _lower_bound(model, pace, fast, c, f, U, m, t_d, t_l, t_h, t_ref, e_ref, w) < U[:, None] * (
-                    1 - 1e-12 + 1e-9)
-                keep = (keep | ~np.isfinite(U)[:, None]) & active[:, None]
+                # only the cuts whose lower bound (convexity in the deadline) could beat the incumbent are solved:
+                # first each round's cut of least bound, then those whose bound is below the better of the two
+                lb = _lower_bound(model, pace, fast, c, f, U, m, t_d, t_l, t_h, t_ref, e_ref, w)
+                keep = (~(lb >= U[:, None] * (1 - 1e-12 + 1e-9)) | ~np.isfinite(U)[:, None]) & active[:, None]
                 keep[every, c[:, m]] = False  # the incumbent itself: its U again, never better
-                rows, j = np.nonzero(keep)
-                ft, Ut = np.zeros((len(rows), Md)), np.full(len(rows), np.inf)
-                if len(rows):
-                    t = trials(c, m, every)[rows * (L + 1) + j]
-                    if discrete:  # a discrete allocation is never better than the continuous one: try only those below U
-                        Uc = solve(rows, t, False)[1]
-                        try_ = Uc < U[rows] * (1 - 1e-12)
-                        if try_.any():
-                            ft[try_], Ut[try_] = solve(rows[try_], t[try_], True)
-                    else:
-                        ft, Ut = solve(rows, t, False)
                 Uall = np.full((N, L + 1), np.inf)
-                Uall[rows, j] = Ut
                 fall = np.zeros((N, L + 1, Md))
-                fall[rows, j] = ft
+                first = np.where(keep, np.nan_to_num(lb, nan=-np.inf), np.inf).argmin(1)
+                rows = np.flatnonzero(keep[every, first])
+                fall[rows, first[rows]], Uall[rows, first[rows]] = evaluate(c, m, U, rows, first[rows], discrete)
+                keep[rows, first[rows]] = False
+                keep &= ~(lb >= (Uall.min(1) * (1 + 1e-9))[:, None])
+                rows, j = np.nonzero(keep)
+                fall[rows, j], Uall[rows, j] = evaluate(c, m, U, rows, j, discrete)
                 jb = Uall.argmin(1)
                 u = Uall[every, jb]
                 better = u < U * (1 - 1e-12)
@@ -227,8 +229,13 @@ def card_parallel(model: CostModel, device_flops_per_s, rate_up_bps, rate_down_b
     every = np.arange(N)
     start = _deadline_sweep(model, t_d, t_l, t_h, fits, t_ref, e_ref, w)
     U0, f0 = np.full(N, np.inf), np.zeros((N, Md))
-    for c0 in start:  # the best of the sweep's candidates, each with its exact allocation
-        fc, u = solve(every, c0, False)
+    candidates = list(start)
+    for i, c0 in enumerate(candidates):  # the best of the sweep's candidates, each with its exact allocation
+        new = np.ones(N, dtype=bool)     # (a candidate equal to an earlier one of its round gives the same U)
+        for earlier in candidates[:i]:
+            new &= (c0 != earlier).any(1)
+        fc, u = np.zeros((N, Md)), np.full(N, np.inf)
+        fc[new], u[new] = solve(every[new], c0[new], False)
         take = u < U0
         U0 = np.where(take, u, U0)
         f0 = np.where(take[:, None], fc, f0)
@@ -238,7 +245,6 @@ def card_parallel(model: CostModel, device_flops_per_s, rate_up_bps, rate_down_b
     if discrete_clocks:
         fd, Ud = solve(every, c, True)
         c, f, U = descend(c, fd, Ud, True, max_sweeps)
-    f, U = solve(every, c, discrete_clocks)
     return _decision(model, c, f, P, Ru, Rd, t_ref, e_ref, w, fits.any(-1).all(-1) & np.isfinite(U))
 
 
