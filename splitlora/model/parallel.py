@@ -64,8 +64,11 @@ def _need_hz(pace, cycles, tau):
     A1, k1, A2, k2 = pace
     C = np.asarray(cycles, dtype=float)
     with np.errstate(divide="ignore", invalid="ignore"):
-        s1, s2 = tau - A1, tau - A2
+        s1 = tau - A1
         n1 = np.where(s1 > 0, k1 * C / s1, np.inf)
+        if A1 is A2 and np.ndim(k1) == 0 and k1 == k2:  # one line (sequential stages): the same numbers, once
+            return np.where(C > 0, n1, np.where(s1 >= 0, 0.0, np.inf)), k1
+        s2 = tau - A2
         n2 = np.where(s2 > 0, k2 * C / s2, np.inf)
     need = np.where(C > 0, np.maximum(n1, n2), np.where((s1 >= 0) & (s2 >= 0), 0.0, np.inf))
     return need, np.where(n1 >= n2, k1, k2)
@@ -123,7 +126,7 @@ def allocate(model: CostModel, cut_layer, t_d, t_l, t_h, t_ref, e_ref, w: float,
     for _ in range(_BISECTIONS):
         tau = np.sqrt(lo * hi)
         need, k = _need_hz(pace, C, tau[:, None])
-        feasible = np.all(need <= F, axis=-1) & (need.sum(-1) <= F)
+        feasible = need.sum(-1) <= F  # the shares are >= 0, so each is <= f_max too
         slope = w / t_ref - (1 - w) / e_ref * (2 * kappa * (I / k) * np.where(need < np.inf, need, 0.0) ** 3).sum(-1)
         right = feasible & (slope >= 0)
         hi = np.where(right, tau, hi)
