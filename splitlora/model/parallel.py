@@ -266,7 +266,7 @@ def _lower_bound(model, pace, fast, c, f, U, m, t_d, t_l, t_h, t_ref, e_ref, w):
     beyond that deadline cannot beat U) is at an end, a line's stationary point or the lines' crossing (convexity).
     inf where the cut cannot finish in time; -inf (no pruning) where the bound is undefined."""
     N, M = c.shape
-    I, kappa, F = model.iterations, model.kappa, model.f_max_hz
+    I, kappa = model.iterations, model.kappa
     rows = np.arange(N)[:, None]
     sel = lambda a, d, cc: a[rows, d, cc] if np.ndim(a) else a  # noqa: E731
     C = model.server_cycles[c]
@@ -283,7 +283,7 @@ def _lower_bound(model, pace, fast, c, f, U, m, t_d, t_l, t_h, t_ref, e_ref, w):
     lo = np.maximum(fast[:, m, :], (fast[rows, o, co].max(1) if M > 1 else np.zeros(N))[:, None])   # (N, L+1)
     hi = (U * t_ref / w)[:, None]
     gc = g[:, None]
-    beta = ((1 - w) / e_ref)[:, None] * kappa * I * model.server_cycles[None, :] ** 3   # E_m = beta x^2 / (1 - w) ...
+    beta = ((1 - w) / e_ref)[:, None] * kappa * I * model.server_cycles[None, :] ** 3   # (1 - w) E_m / E_ref = beta x^2
     A1, k1, A2, k2 = (p[:, m, :] if np.ndim(p) else p for p in pace)
 
     def h(t):  # tangent slope x tau + device m's energy term at deadline t
