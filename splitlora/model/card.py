@@ -89,31 +89,38 @@ def optimal_frequency_hz(model: CostModel, t_ref_s, e_ref_j, w: float, *, discre
 
 
 def _pipelined_clock_hz(model: CostModel, t_d, t_l, t_h, cycles, t_ref, e_ref, w: float, discrete_clocks: bool):
-    """Best server clock of the pipelined schedule for per-mini-batch stage times and cycles (any common shape)."""
+    """Best server clock of the pipelined schedule for per-mini-batch stage times and cycles (any common shape).
+
+    U(f) is convex on [f_min, f_max] (a max of convex delays plus a convex energy), with two pieces: f <= f_k = C /
+    max(T_d, T_l) (the server sets the pace) and f >= f_k (the device or link does). On each the stationary point is
+    (a / 2b)^(1/3), with a / 2b independent of the cycles C (taken once per device-round): the left root r_hi if it
+    is below f_k, else the right one r_lo clipped to [f_k, f_max]."""
     I, kappa, P0 = model.iterations, model.kappa, model.static_power_w  # the derivative's coefficients
     C = np.asarray(cycles, dtype=float)
+    t_ref = np.asarray(t_ref, dtype=float)
+    e_ref = np.asarray(e_ref, dtype=float)
     m = np.maximum(t_d, t_l)
-    b = (1.0 - w) * kappa * I * C / e_ref
-    a_hi = w * I * C / t_ref + (1.0 - w) * P0 * I * C / e_ref      # f <= f_k: the server sets the pace
-    a_lo = w * C / t_ref + (1.0 - w) * P0 * I * C / e_ref          # f >= f_k: the device or link does
+    den = 2.0 * (1.0 - w) * kappa / e_ref                              # 2b / (I C)
     with np.errstate(divide="ignore", invalid="ignore"):
         f_k = np.clip(np.where(m > 0, C / m, np.inf), model.f_min_hz, model.f_max_hz)
-        root = lambda a: np.where(b > 0, np.cbrt(a / (2 * b)), np.inf)  # noqa: E731
-        f_a = np.clip(np.nan_to_num(root(a_hi), nan=model.f_min_hz), model.f_min_hz, f_k)
-        f_b = np.clip(np.nan_to_num(root(a_lo), nan=model.f_min_hz), f_k, model.f_max_hz)
+        def root(num):  # (a / 2b)^(1/3): f_min where undefined, inf where b = 0
+            r = np.where(den > 0, np.cbrt(num / den), np.inf)
+            return np.where(np.isnan(r), model.f_min_hz, r)
+        r_hi = root(w / t_ref + (1.0 - w) * P0 / e_ref)                # f <= f_k: the server sets the pace
+        r_lo = root(w / (I * t_ref) + (1.0 - w) * P0 / e_ref)          # f >= f_k: the device or link does
+    f = np.where(r_hi <= f_k, np.maximum(r_hi, model.f_min_hz), np.minimum(np.maximum(r_lo, f_k), model.f_max_hz))
+    f = np.where(C > 0, f, model.f_min_hz)
+    if not discrete_clocks:
+        return f
 
-    def u(f):
-        T = model.round_delay_s(t_d, t_l, t_h, compute_time_s(C, f))
-        E = model.energy_j(I * C, f)
-        return w * T / t_ref + (1.0 - w) * E / e_ref
+    def u(fq):
+        T = model.round_delay_s(t_d, t_l, t_h, compute_time_s(C, fq))
+        return w * T / t_ref + (1.0 - w) * model.energy_j(I * C, fq) / e_ref
 
-    f = np.where(u(f_a) <= u(f_b), f_a, f_b)
-    if discrete_clocks:
-        table = model.clocks_hz
-        hi = np.clip(np.searchsorted(table, f, side="left"), 0, len(table) - 1)
-        lo = np.clip(hi - 1, 0, len(table) - 1)
-        f = np.where(u(table[lo]) <= u(table[hi]), table[lo], table[hi])
-    return f
+    table = model.clocks_hz
+    hi = np.clip(np.searchsorted(table, f, side="left"), 0, len(table) - 1)
+    lo = np.clip(hi - 1, 0, len(table) - 1)
+    return np.where(u(table[lo]) <= u(table[hi]), table[lo], table[hi])
 
 
 def best_clock_hz(model: CostModel, cut_layer, device_flops_per_s, rate_up_bps, rate_down_bps, w: float, *,
@@ -216,16 +223,35 @@ def _card_block(model, P, Ru, Rd, M, w, discrete_clocks):
 def _card_block_pipelined(model, P, Ru, Rd, M, w, discrete_clocks):
     L = model.n_cuts
     t_d, t_l, t_h = model.stage_times_s(P, Ru, Rd)                      # (k, L+1) each
-    t_ref, e_ref = model.references(P, Ru, Rd)
-    C = np.broadcast_to(model.server_cycles[None, :], t_d.shape)
-    f = _pipelined_clock_hz(model, t_d, t_l, t_h, C, t_ref[:, None], e_ref[:, None], w, discrete_clocks)
-    T = model.round_delay_s(t_d, t_l, t_h, compute_time_s(C, f))
-    E = model.energy_j(model.iterations * C, f)
-    u = np.where(model.feasible(M), w * T / t_ref[:, None] + (1.0 - w) * E / e_ref[:, None], np.inf)
+    fmax = model.f_max_hz  # the references (as CostModel.references, from the stage times already at hand)
+    t_ref = model.round_delay_s(t_d[:, :1], t_l[:, :1], t_h[:, :1], model.server_time_s(0, fmax))
+    e_ref = np.full(t_ref.shape, float(model.server_energy_j(0, fmax)))
+    C = model.server_cycles
+
+    def cost(rows, cols, discrete):  # clock, delay, energy, U of the cuts at (rows, cols), index arrays
+        t = (t_d[rows, cols], t_l[rows, cols], t_h[rows, cols])
+        f = _pipelined_clock_hz(model, *t, C[cols], t_ref[rows, 0], e_ref[rows, 0], w, discrete)
+        T = model.round_delay_s(*t, compute_time_s(C[cols], f))
+        E = model.energy_j(model.iterations * C[cols], f)
+        return f, T, E, w * T / t_ref[rows, 0] + (1.0 - w) * E / e_ref[rows, 0]
+
+    ok = model.feasible(M)
+    f = _pipelined_clock_hz(model, t_d, t_l, t_h, C, t_ref, e_ref, w, False)
+    u = np.where(ok, w * model.round_delay_s(t_d, t_l, t_h, compute_time_s(C, f)) / t_ref
+                 + (1.0 - w) * model.energy_j(model.iterations * C, f) / e_ref, np.inf)
+    rows = np.arange(len(P))
+    if discrete_clocks and np.all((model.clocks_hz >= model.f_min_hz) & (model.clocks_hz <= model.f_max_hz)):
+        # a table clock is never better than the best clock of [f_min, f_max]: the discrete clock is needed only
+        # for the cuts whose continuous U is within the discrete U of the continuous optimum
+        bound = cost(rows, np.argmin(u, axis=1), True)[3]
+        r, k = np.nonzero(ok & (u <= bound[:, None] * (1 + 1e-12)))
+        u = np.full(u.shape, np.inf)
+        u[r, k] = cost(r, k, True)[3]
+    elif discrete_clocks:
+        u = np.where(ok, cost(*np.indices(u.shape), True)[3], np.inf)
     c = np.argmin(u, axis=1)
-    rows = np.arange(len(c))
-    feasible = np.isfinite(u[rows, c])
-    return Decision.masked(feasible, c, np.where(c == L, 0.0, f[rows, c]), T[rows, c], E[rows, c], u[rows, c])
+    f, T, E, u_best = cost(rows, c, discrete_clocks)
+    return Decision.masked(ok[rows, c], c, np.where(c == L, 0.0, f), T, E, u_best)
 
 
 def exhaustive_search(model: CostModel, device_flops_per_s, rate_up_bps, rate_down_bps, memory_bytes, w: float,

@@ -64,8 +64,11 @@ def _need_hz(pace, cycles, tau):
     A1, k1, A2, k2 = pace
     C = np.asarray(cycles, dtype=float)
     with np.errstate(divide="ignore", invalid="ignore"):
-        s1, s2 = tau - A1, tau - A2
+        s1 = tau - A1
         n1 = np.where(s1 > 0, k1 * C / s1, np.inf)
+        if A1 is A2 and np.ndim(k1) == 0 and k1 == k2:  # one line (sequential stages): the same numbers, once
+            return np.where(C > 0, n1, np.where(s1 >= 0, 0.0, np.inf)), k1
+        s2 = tau - A2
         n2 = np.where(s2 > 0, k2 * C / s2, np.inf)
     need = np.where(C > 0, np.maximum(n1, n2), np.where((s1 >= 0) & (s2 >= 0), 0.0, np.inf))
     return need, np.where(n1 >= n2, k1, k2)
@@ -123,7 +126,7 @@ def allocate(model: CostModel, cut_layer, t_d, t_l, t_h, t_ref, e_ref, w: float,
     for _ in range(_BISECTIONS):
         tau = np.sqrt(lo * hi)
         need, k = _need_hz(pace, C, tau[:, None])
-        feasible = np.all(need <= F, axis=-1) & (need.sum(-1) <= F)
+        feasible = need.sum(-1) <= F  # the shares are >= 0, so each is <= f_max too
         slope = w / t_ref - (1 - w) / e_ref * (2 * kappa * (I / k) * np.where(need < np.inf, need, 0.0) ** 3).sum(-1)
         right = feasible & (slope >= 0)
         hi = np.where(right, tau, hi)
@@ -166,7 +169,6 @@ def card_parallel(model: CostModel, device_flops_per_s, rate_up_bps, rate_down_b
     t_d, t_l, t_h = _stages(model, P, Ru, Rd)                                   # (N, M, L+1)
     t_ref, e_ref = model.parallel_references(P, Ru, Rd)
     fits = model.device_memory_bytes[None, None, :] <= Mem[..., None]           # (N, M, L+1)
-    cuts = np.arange(L + 1)
     dev = np.arange(Md)
 
     def solve(rows, c, discrete):  # rounds (K,), cuts (K, M) -> shares (K, M), U (K,); inf where a cut does not fit
@@ -179,49 +181,163 @@ def card_parallel(model: CostModel, device_flops_per_s, rate_up_bps, rate_down_b
         f[ok], U[ok] = allocate(model, cc, sel(t_d), sel(t_l), sel(t_h), t_ref[r], e_ref[r], w, discrete_clocks=discrete)
         return f, U
 
-    def trials(c, m):  # every cut of device m, the others as in c: rows (N (L+1),), cuts (N (L+1), M)
-        t = np.repeat(c[:, None], L + 1, 1)
-        t[:, :, m] = cuts
-        return np.repeat(np.arange(N), L + 1), t.reshape(-1, Md)
+    pace = _pace(model, t_d, t_l, t_h)                                          # (N, M, L+1) or scalars
+    fast = _fastest_s(model, pace, np.broadcast_to(model.server_cycles, t_d.shape), fits)
 
-    def descend(c, U, discrete, sweeps):
+    def evaluate(c, m, U, rows, j, discrete):  # shares and U of device m's cut j in rounds rows, others as in c
+        ft, Ut = np.zeros((len(rows), Md)), np.full(len(rows), np.inf)
+        if len(rows):
+            t = c[rows].copy()
+            t[:, m] = j
+            if discrete:  # a discrete allocation is never better than the continuous one: try only those below U
+                Uc = solve(rows, t, False)[1]
+                try_ = Uc < U[rows] * (1 - 1e-12)
+                if try_.any():
+                    ft[try_], Ut[try_] = solve(rows[try_], t[try_], True)
+            else:
+                ft, Ut = solve(rows, t, False)
+        return ft, Ut
+
+    def descend(c, f, U, discrete, sweeps):
+        active = np.ones(N, dtype=bool)  # rounds that changed in the last sweep (the others are at a fixed point)
         for _ in range(sweeps):
             changed = np.zeros(N, dtype=bool)
             for m in range(Md):
-                rows, t = trials(c, m)
-                Ut = np.full(len(rows), np.inf)
-                if discrete:  # a discrete allocation is never better than the continuous one: try only those below U
-                    Uc = solve(rows, t, False)[1]
-                    try_ = Uc < U[rows] * (1 - 1e-12)
-                    if try_.any():
-                        Ut[try_] = solve(rows[try_], t[try_], True)[1]
-                else:
-                    Ut = solve(rows, t, False)[1]
-                Ut = Ut.reshape(N, L + 1)
-                j = Ut.argmin(1)
-                u = Ut[np.arange(N), j]
+                # only the cuts whose lower bound (convexity in the deadline) could beat the incumbent are solved:
+                # first each round's cut of least bound, then those whose bound is below the better of the two
+                lb = _lower_bound(model, pace, fast, c, f, U, m, t_d, t_l, t_h, t_ref, e_ref, w)
+                keep = (~(lb >= U[:, None] * (1 - 1e-12 + 1e-9)) | ~np.isfinite(U)[:, None]) & active[:, None]
+                keep[every, c[:, m]] = False  # the incumbent itself: its U again, never better
+                Uall = np.full((N, L + 1), np.inf)
+                fall = np.zeros((N, L + 1, Md))
+                first = np.where(keep, np.nan_to_num(lb, nan=-np.inf), np.inf).argmin(1)
+                rows = np.flatnonzero(keep[every, first])
+                fall[rows, first[rows]], Uall[rows, first[rows]] = evaluate(c, m, U, rows, first[rows], discrete)
+                keep[rows, first[rows]] = False
+                keep &= ~(lb >= (Uall.min(1) * (1 + 1e-9))[:, None])
+                rows, j = np.nonzero(keep)
+                fall[rows, j], Uall[rows, j] = evaluate(c, m, U, rows, j, discrete)
+                jb = Uall.argmin(1)
+                u = Uall[every, jb]
                 better = u < U * (1 - 1e-12)
-                c[:, m] = np.where(better, j, c[:, m])
+                c[:, m] = np.where(better, jb, c[:, m])
+                f = np.where(better[:, None], fall[every, jb], f)
                 U = np.where(better, u, U)
                 changed |= better
             if not changed.any():
                 break
-        return c, U
+            active = changed
+        return c, f, U
 
     every = np.arange(N)
     start = _deadline_sweep(model, t_d, t_l, t_h, fits, t_ref, e_ref, w)
-    U0 = np.full(N, np.inf)
-    for c0 in start:  # the best of the sweep's candidates, each with its exact allocation
-        u = solve(every, c0, False)[1]
+    U0, f0 = np.full(N, np.inf), np.zeros((N, Md))
+    candidates = list(start)
+    for i, c0 in enumerate(candidates):  # the best of the sweep's candidates, each with its exact allocation
+        new = np.ones(N, dtype=bool)     # (a candidate equal to an earlier one of its round gives the same U)
+        for earlier in candidates[:i]:
+            new &= (c0 != earlier).any(1)
+        fc, u = np.zeros((N, Md)), np.full(N, np.inf)
+        fc[new], u[new] = solve(every[new], c0[new], False)
         take = u < U0
         U0 = np.where(take, u, U0)
+        f0 = np.where(take[:, None], fc, f0)
         start[0] = np.where(take[:, None], c0, start[0])
     start = start[0]
-    c, U = descend(start.copy(), U0, False, max_sweeps)
+    c, f, U = descend(start.copy(), f0, U0, False, max_sweeps)
     if discrete_clocks:
-        c, U = descend(c, solve(every, c, True)[1], True, max_sweeps)
-    f, U = solve(every, c, discrete_clocks)
+        fd, Ud = solve(every, c, True)
+        c, f, U = descend(c, fd, Ud, True, max_sweeps)
     return _decision(model, c, f, P, Ru, Rd, t_ref, e_ref, w, fits.any(-1).all(-1) & np.isfinite(U))
+
+
+def _fastest_s(model: CostModel, pace, cycles, fits):
+    """Each device's finish time with the whole clock f_max (s), inf where the cut does not fit in memory."""
+    A1, k1, A2, k2 = pace
+    F = model.f_max_hz
+    return np.where(fits, np.where(cycles > 0, np.maximum(A1 + k1 * cycles / F, A2 + k2 * cycles / F), A2), np.inf)
+
+
+def _lower_bound(model, pace, fast, c, f, U, m, t_d, t_l, t_h, t_ref, e_ref, w):
+    """Lower bounds (N, L+1) on U of every cut layer of device m with the other devices' cuts as in c (N, M), from
+    the incumbent's shares f (N, M): U(tau) = w tau / T_ref + (1 - w) / E_ref sum_m E_m(f_m(tau)) with the coupling
+    dropped; the other devices' part Phi is convex in the deadline tau, so it lies above its tangent at the incumbent's
+    deadline tau0; the minimum of tangent + device m's energy over tau in [max fastest finish, U T_ref / w] (a trial
+    beyond that deadline cannot beat U) is at an end, a line's stationary point or the lines' crossing (convexity).
+    inf where the cut cannot finish in time; -inf (no pruning) where the bound is undefined."""
+    N, M = c.shape
+    I, kappa = model.iterations, model.kappa
+    rows = np.arange(N)[:, None]
+    sel = lambda a, d, cc: a[rows, d, cc] if np.ndim(a) else a  # noqa: E731
+    C = model.server_cycles[c]
+    T = model.round_delay_s(t_d[rows, np.arange(M), c], t_l[rows, np.arange(M), c], t_h[rows, np.arange(M), c],
+                            np.where(C > 0, C / np.where(f > 0, f, 1.0), 0.0))
+    tau0 = T.max(1)
+    o = np.delete(np.arange(M), m)
+    co = c[:, o]
+    need, k = _need_hz(tuple(sel(p, o, co) for p in pace), C[:, o], tau0[:, None])
+    ok = np.isfinite(need).all(1)
+    need = np.where(np.isfinite(need), need, 0.0)
+    phi0 = w * tau0 / t_ref + (1 - w) / e_ref * model.energy_j(I * C[:, o], need).sum(1)
+    g = w / t_ref - (1 - w) / e_ref * (2 * kappa * (I / k) * need ** 3).sum(1)
+    lo = np.maximum(fast[:, m, :], (fast[rows, o, co].max(1) if M > 1 else np.zeros(N))[:, None])   # (N, L+1)
+    hi = (U * t_ref / w)[:, None]
+    gc = g[:, None]
+    beta = ((1 - w) / e_ref)[:, None] * kappa * I * model.server_cycles[None, :] ** 3   # (1 - w) E_m / E_ref = beta x^2
+    A1, k1, A2, k2 = (p[:, m, :] if np.ndim(p) else p for p in pace)
+
+    def h(t):  # tangent slope x tau + device m's energy term at deadline t
+        x = np.maximum(k1 / (t - A1), k2 / (t - A2))
+        return gc * t + np.where(beta > 0, beta * x * x, 0.0)
+
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        cands = [lo, np.broadcast_to(hi, lo.shape)]          # h is convex: its minimum on [lo, hi] is at an end,
+        for A, kk in ((A1, k1), (A2, k2)):                    # a line's stationary point or the lines' crossing
+            cands.append(np.where(gc > 0, A + np.cbrt(2 * beta * kk * kk / gc), np.inf))
+        if np.any(k1 != k2):
+            cands.append((k1 * A2 - k2 * A1) / (k1 - k2))
+        best = np.min([h(np.minimum(np.maximum(np.nan_to_num(t, nan=np.inf), lo), hi)) for t in cands], axis=0)
+    bound = (phi0 - g * tau0)[:, None] + best
+    return np.where((lo <= hi) | ~ok[:, None], np.where(ok[:, None], bound, -np.inf), np.inf)
+
+
+def _least_energy_cuts(model, pace, fits, taus, chunk: int = 16):
+    """For deadlines taus (N, G), each device's cut layer (N, G, M) of least server energy among those that fit and
+    finish by tau with a share <= f_max (the first of them on ties; cut 0 where none does). A cut without server work
+    (C = 0) costs no energy; for C > 0 the energy kappa I C f(tau)^2, f(tau) = max over the lines of k C / (tau - A)
+    (:func:`_pace`), is least where min over the lines of (tau - A) / (k C^1.5) is largest, among the cuts whose
+    fastest finish (:func:`_fastest_s`) is <= tau: two operations per line and cut instead of the energies."""
+    Cs = model.server_cycles
+    A1, k1, A2, k2 = pace
+    N, M = fits.shape[:2]
+    fast = _fastest_s(model, pace, np.broadcast_to(Cs, fits.shape), fits)
+    pos, zero = np.flatnonzero(Cs > 0), np.flatnonzero(Cs <= 0)
+    one_line = A1 is A2 and k1 == k2
+    lines = [(A1[..., pos], 1.0 / (k1 * Cs[pos] ** 1.5))]
+    if not one_line:
+        lines.append((A2[..., pos], 1.0 / (k2 * Cs[pos] ** 1.5)))
+    fast_pos = fast[..., pos]
+    out = np.empty((N, taus.shape[1], M), dtype=np.int64)
+    v = x = None
+    for i in range(0, N, chunk):
+        r = slice(i, i + chunk)
+        tau = taus[r, :, None, None]                                                    # (n, G, 1, 1)
+        shape = (tau.shape[0], tau.shape[1], M, len(pos))
+        if v is None or v.shape != shape:
+            v, x = np.empty(shape), np.empty(shape)
+        for k, (A, q) in enumerate(lines):
+            np.multiply(np.subtract(tau, A[r, None], out=x), q, out=x)
+            if k:
+                np.minimum(v, x, out=v)
+            else:
+                v, x = x, v
+        np.copyto(v, -np.inf, where=tau < fast_pos[r, None])
+        best = pos[v.argmax(-1)] if len(pos) else np.zeros(v.shape[:-1], dtype=np.int64)
+        if len(zero):  # no server work: free wherever the device finishes by tau (s >= 0 on both lines, as _need_hz)
+            z = fits[r, None][..., zero] & (tau - A1[r, None][..., zero] >= 0) & (tau - A2[r, None][..., zero] >= 0)
+            best = np.where(z.any(-1), zero[z.argmax(-1)], best)
+        out[r] = best
+    return out
 
 
 def _deadline_sweep(model, t_d, t_l, t_h, fits, t_ref, e_ref, w, n_grid: int = 64, keep: int = 3):
@@ -238,13 +354,13 @@ def _deadline_sweep(model, t_d, t_l, t_h, fits, t_ref, e_ref, w, n_grid: int = 6
     hi = np.maximum(t_ref / max(w, 1e-12), lo * (1 + 1e-9))
     taus = lo[:, None] * (hi / lo)[:, None] ** np.linspace(0, 1, n_grid)[None, :]        # (N, G)
     taus = taus * (1 + 1e-12)
-    pace = _pace(model, t_d[:, None], t_l[:, None], t_h[:, None])
-    need, _ = _need_hz(pace, C[:, None], taus[:, :, None, None])                         # (N, G, M, L+1)
-    ok = fits[:, None] & (need <= model.f_max_hz)
-    energy = np.where(ok, model.energy_j(I * C[:, None], np.where(ok, need, 0.0)), np.inf)
-    c = energy.argmin(-1)                                                               # (N, G, M)
-    e_best = np.take_along_axis(energy, c[..., None], -1)[..., 0]
-    f_best = np.take_along_axis(need, c[..., None], -1)[..., 0]
+    c = _least_energy_cuts(model, _pace(model, t_d, t_l, t_h), fits, taus)                # (N, G, M)
+    n, m = np.arange(N)[:, None, None], np.arange(t_d.shape[1])[None, None, :]
+    pace = tuple(p[n, m, c] if np.ndim(p) else p for p in _pace(model, t_d, t_l, t_h))
+    need, _ = _need_hz(pace, model.server_cycles[c], taus[:, :, None])                   # (N, G, M)
+    ok = fits[n, m, c] & (need <= model.f_max_hz)
+    e_best = np.where(ok, model.energy_j(I * model.server_cycles[c], np.where(ok, need, 0.0)), np.inf)
+    f_best = need
     U = w * taus / t_ref[:, None] + (1 - w) * e_best.sum(-1) / e_ref[:, None]
     U = np.where(np.isfinite(e_best).all(-1) & (f_best.sum(-1) <= model.f_max_hz), U, np.inf)
     order = np.argsort(U, axis=1)[:, :keep]
