@@ -15,6 +15,7 @@ import torch
 
 from splitlora._validate import check_int_range
 from splitlora.distributed.roles import TURN, DistStepLog, Server
+from splitlora.errors import InvalidParameterError
 from splitlora.distributed.wire import (K_CTRL, K_GRAD, K_HIDDEN, K_LABELS, K_LOSS, K_MASK, K_RATES, K_STATS,
                                         ProtocolError, cuda_sync, recv_adapter, send_adapter)
 from splitlora.training.federated import _merge, _subset, fedavg_payloads
@@ -40,36 +41,22 @@ class ParallelServer(Server):
     incomplete; one absent at the round's start is ``skipped``. Checkpoints at each round's end
     (``turn`` = rounds done)."""
 
-    def serve(self) -> dict:
-        """Run every remaining round, stop the devices, write the outputs (:meth:`finish`). Raises RunIncomplete
-        for a run that trained fewer mini-batches than configured."""
-        self._listen()
-        self.event("listening", addr=self.d.addr, port=self.d.port, mode=self.cfg.mode)
-        self._lost_last: set[int] = set()
-        self._over_memory: set[int] = set()
-        try:
-            while self.turn < self.cfg.rounds:
-                self._round(self.turn)
-                self.turn += 1
-                if self.ckpt is not None:
-                    self.checkpoint()
-            self._stop_devices()
-            return self.finish()
-        finally:
-            for m in list(self.conns):
-                self._drop(m)
-            self.listener.close()
+    def __init__(self, cfg, plan=None):
+        super().__init__(cfg, plan)
+        self._lost_last: set[int] = set()  # devices lost in the previous round: given join_timeout_s to rejoin
+        self._over_memory: set[int] = set()  # devices already reported as unable to hold the whole model
 
-    def _stop_devices(self) -> None:
-        from splitlora.distributed.roles import STOP
+    def _check_mode(self) -> None:
+        if self.cfg.mode == "sequential":
+            raise InvalidParameterError("mode='sequential' is invalid for ParallelServer: must be 'splitfed' or "
+                                        "'fedlora' (use splitlora.distributed.roles.Server)")
 
-        for m in range(self.cfg.num_devices):
-            c = self._connect(m, 0.0)
-            if c is not None:
-                try:
-                    c.link.send(torch.tensor([STOP, 0, 0, 0, 0], dtype=torch.int64), K_CTRL)
-                except RuntimeError:
-                    pass
+    def _units(self) -> int:
+        """How many units of work the run has: rounds (``turn`` counts rounds done)."""
+        return self.cfg.rounds
+
+    def _run_unit(self, k: int) -> None:
+        self._round(k)
 
     # ---------------------------------------------------------------- one round
     def _participants(self, n: int) -> dict:

@@ -439,32 +439,46 @@ class Server:
         return False
 
     def serve(self) -> dict:
-        """Run every remaining turn, tell the devices to stop, write the outputs (:meth:`finish`). Returns a
-        summary; raises RunIncomplete for a run that trained fewer mini-batches than configured."""
-        if self.cfg.mode != "sequential":  # the parallel modes: splitlora.distributed.parallel_roles.ParallelServer
-            raise InvalidParameterError(f"mode={self.cfg.mode!r} is invalid for Server: must be 'sequential' (use "
-                                        "splitlora.distributed.parallel_roles.ParallelServer)")
+        """Run every remaining unit of work (a turn here, a round in the parallel modes: :meth:`_units`,
+        :meth:`_run_unit`), checkpointing after each, tell the devices to stop, write the outputs (:meth:`finish`).
+        Returns a summary; raises RunIncomplete for a run that trained fewer mini-batches than configured."""
+        self._check_mode()
         self._listen()
-        self.event("listening", addr=self.d.addr, port=self.d.port)
+        self.event("listening", addr=self.d.addr, port=self.d.port, **({} if self.cfg.mode == "sequential"
+                                                                       else {"mode": self.cfg.mode}))
         try:
-            while self.turn < len(self.turns):
-                n, m = self.turns[self.turn]
-                self._run_turn(n, m)
+            while self.turn < self._units():
+                self._run_unit(self.turn)
                 self.turn += 1
                 if self.ckpt is not None:
                     self.checkpoint()
-            for m in range(self.cfg.num_devices):
-                c = self._connect(m, 0.0)
-                if c is not None:
-                    try:
-                        c.link.send(torch.tensor([STOP, 0, 0, 0, 0], dtype=torch.int64), K_CTRL)
-                    except RuntimeError:
-                        pass
+            self._stop_devices()
             return self.finish()
         finally:
             for m in list(self.conns):
                 self._drop(m)
             self.listener.close()
+
+    def _check_mode(self) -> None:
+        if self.cfg.mode != "sequential":  # the parallel modes: splitlora.distributed.parallel_roles.ParallelServer
+            raise InvalidParameterError(f"mode={self.cfg.mode!r} is invalid for Server: must be 'sequential' (use "
+                                        "splitlora.distributed.parallel_roles.ParallelServer)")
+
+    def _units(self) -> int:
+        """How many units of work the run has: device turns (N x M)."""
+        return len(self.turns)
+
+    def _run_unit(self, k: int) -> None:
+        self._run_turn(*self.turns[k])
+
+    def _stop_devices(self) -> None:
+        for m in range(self.cfg.num_devices):
+            c = self._connect(m, 0.0)
+            if c is not None:
+                try:
+                    c.link.send(torch.tensor([STOP, 0, 0, 0, 0], dtype=torch.int64), K_CTRL)
+                except RuntimeError:
+                    pass
 
     def finish(self) -> dict:
         """Write the outputs if every configured mini-batch was trained; else keep the outputs of any earlier
