@@ -50,7 +50,7 @@ def device_shares(kind: str, num_devices: int, skew: float = 2.0) -> np.ndarray:
 
 def partition(bins: np.ndarray, shares: Sequence[float], kind: str = "iid", alpha: float = 0.3,
               seed: int = 0) -> list[np.ndarray]:
-    """Record indices per device. Device m gets round(share_m x n) records (the remainder to the last). ``"iid"``:
+    """Record indices per device. Device m gets floor(share_m x n) records (the remainder to the last). ``"iid"``:
     a random permutation cut by the shares. ``"dirichlet"``: device m draws its bin mixture p_m ~ Dir(alpha x
     global bin frequencies x number of bins) and fills its shard by drawing bins from p_m, each record without
     replacement (an exhausted bin drops out and p_m is renormalised); small alpha, strong skew (Hsu et al. 2019,
@@ -202,7 +202,10 @@ def plan_rounds(setup: ConvergenceSetup, mode: str, steps: Sequence[int], *, w: 
     clock shares of each round, :func:`splitlora.model.parallel.card_parallel`) and the parallel schedule's round
     delay (:meth:`splitlora.model.system.CostModel.parallel_round`: round = slowest device, shared server).
     fedlora: c = L for every device (no server work), the same parallel delay model. ``cuts``: one fixed cut per
-    device instead of CARD's (splitfed and sequential; the clock then is CARD's best for that cut).
+    device instead of CARD's (sequential: the clock is CARD's best for that cut; splitfed: the server's clock is
+    shared equally by the devices with c < L, not allocated). Parallel CARD plans with the common I
+    (``setup.steps_per_round``); each device's delay is then evaluated with its own I_m (an approximation when the
+    shares are skewed).
 
     Returns one row per (round, device): round, device, channel_state, cut_layer, f_hz, steps, device_delay_s,
     round_delay_s (the round's, repeated on its rows).
