@@ -13,6 +13,7 @@ import shutil
 import pandas as pd
 import pytest
 
+from splitlora.errors import InvalidParameterError
 from splitlora.experiments.notebooks import find_notebooks, run_notebooks
 from splitlora.paths import REPO_ROOT
 
@@ -70,7 +71,9 @@ def test_bad_parameter_fails_fast_and_leaves_figures_untouched(tmp_path, monkeyp
     before = _digests(figs)
     monkeypatch.setenv("SPLITLORA_FIGURES_DIR", str(figs))
     with pytest.raises(RuntimeError, match=r"w=2\.0 is invalid: must be in \[0\.0, 1\.0\]"):
-        run_notebooks({"w": 2.0}, only=["fig2_optimal_cut"], out_dir=tmp_path / "executed")
+        run_notebooks({"w": 2.0}, only=["fig3_policy_comparison"], out_dir=tmp_path / "executed")
+    with pytest.raises(InvalidParameterError, match=r"parameters=\['w'\] are invalid: no selected notebook takes"):
+        run_notebooks({"w": 0.5}, only=["fig2_optimal_cut"], out_dir=tmp_path / "executed")  # fig2 sweeps weights
     assert _digests(figs) == before
 
 
