@@ -114,9 +114,8 @@ class ParallelServer(Server):
         live = set(conns)
         for i in range(I):
             for m in sorted(live):
-                item = inq[m].get()
-                if item[0] == "error":
-                    self._leave_out(n, m, live, outq, item[1], len(logs[m]))
+                item = self._next(n, m, inq, live, outq, logs)
+                if item is None:
                     continue
                 _, payload, t_up, moved = item
                 rate = float(self.plan.rates_bps[n, m]) * cfg.link.rate_scale
@@ -138,9 +137,8 @@ class ParallelServer(Server):
                 self.global_step += 1
         done = {}
         for m in sorted(live):
-            item = inq[m].get()
-            if item[0] == "error":
-                self._leave_out(n, m, live, outq, item[1], len(logs[m]))
+            item = self._next(n, m, inq, live, outq, logs)
+            if item is None:
                 continue
             _, stats, incoming, back = item
             for log, (t_down, t_dev) in zip(logs[m], stats.tolist()):
@@ -184,6 +182,15 @@ class ParallelServer(Server):
             log.bytes_down = tensor_bytes(grad)
             log.pred_down_s = 8.0 * log.bytes_down / rate
         return _merge(shared, node.export(s_own)), grad
+
+    def _next(self, n: int, m: int, inq, live: set, outq, logs: dict):
+        """Device m's next message from its connection's thread, or None when the thread reported an error (the
+        device is then left out of round n: :meth:`_leave_out`)."""
+        item = inq[m].get()
+        if item[0] == "error":
+            self._leave_out(n, m, live, outq, item[1], len(logs[m]))
+            return None
+        return item
 
     def _leave_out(self, n: int, m: int, live: set, outq: dict, err, steps: int) -> None:
         """Device m is lost in round n: release its thread, close its connection, log ``left_out``."""
