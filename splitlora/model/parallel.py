@@ -2,7 +2,7 @@
 
 Devices of a round train at the same time; the server's clock is divided into shares f_m with sum f_m <= f_max
 (the coupling); the round ends when the last device finishes. For fixed cuts the allocation is convex in the
-round deadline tau and solved by bisection on its KKT condition; the cuts start from a sweep over deadlines and
+round deadline tau and solved by a monotone Newton iteration on its KKT condition; the cuts start from a sweep over deadlines and
 are refined by coordinate descent over devices, each step exact over one device's cut layers. Checked against the
 brute force (tests/model/test_parallel.py). Source: docs/model.md, "Parallel schedule".
 """
@@ -17,7 +17,7 @@ from splitlora.errors import InvalidParameterError
 from splitlora.model.card import Decision, card, exhaustive_search
 from splitlora.model.system import CostModel, check_weight
 
-_BISECTIONS = 44
+_CHUNK = 2048  # rounds solved at once: bounded temporaries (10^4 rounds take 1.7x as long in one piece here)
 
 
 def _round_inputs(model: CostModel, P, Ru, Rd, M):
@@ -81,7 +81,7 @@ def allocate(model: CostModel, cut_layer, t_d, t_l, t_h, t_ref, e_ref, w: float,
     in multiples of the clock-table step with ``discrete_clocks``). Continuous: for a deadline tau each device
     needs f_m(tau) (:func:`_need_hz`), and U(tau) is convex; tau* is the smallest tau with sum f_m(tau) <= f_max,
     f_m <= f_max and dU/dtau = w / T_ref - (1 - w) / E_ref sum_m 2 kappa (I / k_m) f_m^3 >= 0 (k_m = I where the
-    server paces the device, 1 where the device or link does), found by bisection. Discrete: the best of the
+    server paces the device, 1 where the device or link does), found by :func:`_deadline`. Discrete: the best of the
     deadlines T_m(k step) over every device m and level k (exact).
 
     Args:
@@ -122,20 +122,64 @@ def allocate(model: CostModel, cut_layer, t_d, t_l, t_h, t_ref, e_ref, w: float,
         return np.where(c < model.n_cuts, fs[rows, :, j], 0.0), U[rows, j]
 
     lo = np.max(np.where(C > 0, np.maximum(pace[0] + pace[1] * C / F, pace[2] + pace[3] * C / F), pace[2]), -1)
-    hi = np.maximum(lo, 1.0) * 1e9
-    for _ in range(_BISECTIONS):
-        tau = np.sqrt(lo * hi)
-        need, k = _need_hz(pace, C, tau[:, None])
-        feasible = need.sum(-1) <= F  # the shares are >= 0, so each is <= f_max too
-        slope = w / t_ref - (1 - w) / e_ref * (2 * kappa * (I / k) * np.where(need < np.inf, need, 0.0) ** 3).sum(-1)
-        right = feasible & (slope >= 0)
-        hi = np.where(right, tau, hi)
-        lo = np.where(right, lo, tau)
-    f, _ = _need_hz(pace, C, hi[:, None])
+    tau = _deadline(pace, C, lo, F, w / np.broadcast_to(t_ref, lo.shape),
+                    np.broadcast_to((1 - w) / e_ref * 2 * kappa * I, lo.shape))
+    f, _ = _need_hz(pace, C, tau[:, None])
     f = np.where(C > 0, np.minimum(f, F), 0.0)
     total = f.sum(-1)
     f = f * np.where(total > F, F / np.where(total > F, total, 1.0), 1.0)[:, None]          # rounding guard
     return f, cost(f)
+
+
+def _deadline(pace, C, lo, F, a, b, max_steps: int = 100):
+    """The optimal deadline tau* (K,) of :func:`allocate`: the smallest tau >= lo (K,) with g(tau) = sum_m f_m(tau) - F
+    <= 0 (the coupling) and h(tau) = a - b sum_m f_m(tau)^3 / k_m >= 0 (dU/dtau; a = w / T_ref, b = 2 (1 - w) kappa
+    I / E_ref, both (K,)). Device m's need is f_m = k C / (tau - A) on its binding line: line 2 below the lines'
+    crossing x_m = (k1 A2 - k2 A1) / (k1 - k2), line 1 from it on (:func:`_pace`); -f' = f / (tau - A). g is convex
+    and decreasing, so a Newton step from the left of its root stays left of it; h is increasing, concave between
+    crossings and jumps up at each (k falls from k2 to k1), so its Newton step stays left of its root when clipped to
+    the next crossing. tau* = max(root of g, root of h): each step goes to the larger of the two Newton points, a
+    monotone sequence that reaches tau* (quadratically between crossings), stopped when it no longer moves, then
+    raised by 1e-12 (relative) so that the shares fit. It starts at the largest of lo and two lower bounds from
+    f_m >= k1 C_m / (tau - A1_min): tau* >= A1_min + k1 sum C / F and tau* >= A1_min + (b / a k1^2 sum C^3)^(1/3)."""
+    A1, k1, A2, k2 = (np.broadcast_to(p, C.shape) for p in pace)
+    pos = C > 0                                  # a device without server work: f = 0 (A = -inf: tau - A = inf)
+    A1, A2 = np.where(pos, A1, -np.inf), np.where(pos, A2, -np.inf)
+    kc1, kc2 = np.where(pos, k1 * C, 0.0), np.where(pos, k2 * C, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cross = np.where(pos & (k1 != k2), (k1 * A2 - k2 * A1) / (k1 - k2), np.inf)
+        a1 = np.where(pos, A1, np.inf).min(1)
+        start = a1 + np.maximum(kc1.sum(1) / F, np.cbrt(b / a * (kc1 ** 3 / k1).sum(1)))
+    tau = np.where(np.isfinite(a1), np.maximum(lo, start), lo)
+    idx = np.flatnonzero(np.isfinite(lo))
+    arrs = [A1, A2, k1, k2, kc1, kc2, cross]
+    loc = [x[idx] for x in arrs]
+    al, bl, t = a[idx], b[idx], tau[idx]
+    for _ in range(max_steps):
+        if not len(idx):
+            break
+        A1l, A2l, k1l, k2l, kc1l, kc2l, xl = loc
+        on1 = t[:, None] >= xl
+        sl = t[:, None] - np.where(on1, A1l, A2l)
+        k = np.where(on1, k1l, k2l)
+        f = np.where(on1, kc1l, kc2l) / sl
+        f3k = f * f * f / k
+        g = f.sum(1) - F
+        h = al - bl * f3k.sum(1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            zg = np.where(g > 0, g / (f / sl).sum(1), 0.0)
+            zh = np.where(h < 0, -h / (3 * bl * (f3k / sl).sum(1)), 0.0)
+        nxt = np.where(xl > t[:, None] * (1 + 4 * np.finfo(float).eps), xl, np.inf).min(1) - t
+        step = np.maximum(np.nan_to_num(zg, nan=0.0, posinf=0.0), np.minimum(np.nan_to_num(zh, nan=0.0, posinf=0.0), nxt))
+        new = t + step
+        moved = new > t * (1 + 4 * np.finfo(float).eps)
+        t = np.maximum(new, t)
+        tau[idx] = t
+        if not moved.all():
+            keep = np.flatnonzero(moved)
+            idx, al, bl, t = idx[keep], al[keep], bl[keep], t[keep]
+            loc = [x[keep] for x in loc]
+    return tau * (1 + 1e-12)
 
 
 def card_parallel(model: CostModel, device_flops_per_s, rate_up_bps, rate_down_bps, memory_bytes, w: float, *,
@@ -164,6 +208,14 @@ def card_parallel(model: CostModel, device_flops_per_s, rate_up_bps, rate_down_b
         raise InvalidParameterError(f"w={w!r} is invalid for the parallel schedules: must be in (0, 1] (at w = 0 the "
                                     "energy falls toward 0 as the shares shrink: no optimum)")
     P, Ru, Rd, Mem = _round_inputs(model, device_flops_per_s, rate_up_bps, rate_down_bps, memory_bytes)
+    parts = [_card_parallel(model, *(a[i:i + _CHUNK] for a in (P, Ru, Rd, Mem)), w, discrete_clocks, max_sweeps)
+             for i in range(0, len(P), _CHUNK)] or [_card_parallel(model, P, Ru, Rd, Mem, w, discrete_clocks, max_sweeps)]
+    return Decision(*(np.concatenate([getattr(d, k) for d in parts]) for k in
+                      ("cut_layer", "frequency_hz", "delay_s", "energy_j", "objective", "feasible")))
+
+
+def _card_parallel(model, P, Ru, Rd, Mem, w, discrete_clocks, max_sweeps):
+    """:func:`card_parallel` on checked inputs (N, M) of at most ``_CHUNK`` rounds."""
     N, Md = P.shape
     L = model.n_cuts
     t_d, t_l, t_h = _stages(model, P, Ru, Rd)                                   # (N, M, L+1)

@@ -65,7 +65,7 @@ def test_card_parallel_equals_brute_force(seed, schedule):
 @pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("seed", range(10))
 def test_allocation_equals_scipy(seed, schedule):
-    """For fixed cuts the KKT/bisection shares against scipy's SLSQP on the epigraph form (tau, f_1..f_M)."""
+    """For fixed cuts the KKT/Newton shares against scipy's SLSQP on the epigraph form (tau, f_1..f_M)."""
     model, P, Ru, Rd, M, w = parallel_instance(seed, rounds=1, devices=4, n_cuts=6, schedule=schedule)
     rng = np.random.default_rng(seed)
     c = rng.integers(0, model.n_cuts, size=(1, 4))                           # all active
@@ -191,3 +191,15 @@ def test_descent_bound_never_prunes_a_better_cut(seed, schedule):
         assert np.all(bound[better] < (U[:, None] * (1 - 1e-12 + 1e-9) * np.ones_like(Ut))[better])
         assert np.all(bound[better] <= Ut[better] * (1 + 1e-9))
     assert better_seen > 0  # the check had something to check
+
+
+def test_rounds_are_solved_alone(monkeypatch):
+    """card_parallel solves rounds in pieces of _CHUNK: pieces of 2 give the decisions of one piece."""
+    import splitlora.model.parallel as par
+    model, P, Ru, Rd, M, w = parallel_instance(4, rounds=7, devices=3, n_cuts=5, schedule="parallel-pipelined")
+    whole = card_parallel(model, P, Ru, Rd, M, w)
+    monkeypatch.setattr(par, "_CHUNK", 2)
+    pieces = card_parallel(model, P, Ru, Rd, M, w)
+    for k in ("cut_layer", "frequency_hz", "objective", "feasible"):
+        np.testing.assert_array_equal(getattr(pieces, k), getattr(whole, k))
+    assert len(np.unique(whole.cut_layer)) > 1
