@@ -88,7 +88,6 @@ def scipy_allocation(model, c, P, Ru, Rd, t_ref, e_ref, w):
 def scipy_parallel(model, P, Ru, Rd, M, w):
     """The parallel cut search of CARD (same starts, coordinate descent) with every allocation by scipy SLSQP."""
     N, Md = P.shape
-    L = model.n_cuts
     t_ref, e_ref = model.parallel_references(P, Ru, Rd)
     t_d, t_l, t_h = _stages(model, P, Ru, Rd)
     fits = model.device_memory_bytes[None, None, :] <= M[..., None]

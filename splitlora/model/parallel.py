@@ -398,7 +398,7 @@ def _deadline_sweep(model, t_d, t_l, t_h, fits, t_ref, e_ref, w, n_grid: int = 6
     tau (separable while the shares fit under f_max); the ``keep`` deadlines with the smallest U.
     Returns a list of ``keep`` cut arrays (N, M)."""
     N = t_d.shape[0]
-    L, I = model.n_cuts, model.iterations
+    I = model.iterations
     C = np.broadcast_to(model.server_cycles, t_d.shape)
     fast = np.where(fits, model.round_delay_s(t_d, t_l, t_h, np.where(C > 0, C / model.f_max_hz, 0.0)), np.inf)
     lo = fast.min(-1).max(-1)                                                           # (N,)
