@@ -355,10 +355,12 @@ def _lower_bound(model, pace, fast, c, f, U, m, t_d, t_l, t_h, t_ref, e_ref, w):
 
 def _least_energy_cuts(model, pace, fits, taus, chunk: int = 16):
     """For deadlines taus (N, G), each device's cut layer (N, G, M) of least server energy among those that fit and
-    finish by tau with a share <= f_max (the first of them on ties; cut 0 where none does). A cut without server work
-    (C = 0) costs no energy; for C > 0 the energy kappa I C f(tau)^2, f(tau) = max over the lines of k C / (tau - A)
-    (:func:`_pace`), is least where min over the lines of (tau - A) / (k C^1.5) is largest, among the cuts whose
-    fastest finish (:func:`_fastest_s`) is <= tau: two operations per line and cut instead of the energies."""
+    finish by tau with a share <= f_max (the first of them on ties; cut 0 where none does), with its share and energy
+    (N, G, M each; inf where none does). A cut without server work (C = 0) costs no energy; for C > 0 the energy
+    kappa I C f(tau)^2, f(tau) = max over the lines of k C / (tau - A) (:func:`_pace`), is least where
+    v = min over the lines of (tau - A) / (k C^1.5) is largest, among the cuts whose fastest finish
+    (:func:`_fastest_s`) is <= tau: two operations per line and cut instead of the energies. Then f = 1 / (C^0.5 v)
+    and the energy is kappa I / v^2."""
     Cs = model.server_cycles
     A1, k1, A2, k2 = pace
     N, M = fits.shape[:2]
@@ -370,6 +372,7 @@ def _least_energy_cuts(model, pace, fits, taus, chunk: int = 16):
         lines.append((A2[..., pos], 1.0 / (k2 * Cs[pos] ** 1.5)))
     fast_pos = fast[..., pos]
     out = np.empty((N, taus.shape[1], M), dtype=np.int64)
+    vmax = np.empty(out.shape)
     v = x = None
     for i in range(0, N, chunk):
         r = slice(i, i + chunk)
@@ -384,12 +387,20 @@ def _least_energy_cuts(model, pace, fits, taus, chunk: int = 16):
             else:
                 v, x = x, v
         np.copyto(v, -np.inf, where=tau < fast_pos[r, None])
-        best = pos[v.argmax(-1)] if len(pos) else np.zeros(v.shape[:-1], dtype=np.int64)
+        j = v.argmax(-1)[..., None] if len(pos) else np.zeros(v.shape[:-1] + (1,), dtype=np.int64)
+        best = pos[j[..., 0]] if len(pos) else j[..., 0]
+        vm = np.take_along_axis(v, j, -1)[..., 0] if len(pos) else np.full(j.shape[:-1], -np.inf)
         if len(zero):  # no server work: free wherever the device finishes by tau (s >= 0 on both lines, as _need_hz)
             z = fits[r, None][..., zero] & (tau - A1[r, None][..., zero] >= 0) & (tau - A2[r, None][..., zero] >= 0)
-            best = np.where(z.any(-1), zero[z.argmax(-1)], best)
-        out[r] = best
-    return out
+            free = z.any(-1)
+            best = np.where(free, zero[z.argmax(-1)], best)
+            vm = np.where(free, np.inf, vm)
+        out[r], vmax[r] = best, vm
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ok = vmax > 0
+        need = np.where(ok, np.where(vmax < np.inf, 1.0 / (np.sqrt(Cs[out]) * vmax), 0.0), np.inf)  # C = 0: free
+        energy = np.where(ok, model.kappa * model.iterations / (vmax * vmax), np.inf)
+    return out, need, energy
 
 
 def _deadline_sweep(model, t_d, t_l, t_h, fits, t_ref, e_ref, w, n_grid: int = 64, keep: int = 3):
@@ -397,8 +408,6 @@ def _deadline_sweep(model, t_d, t_l, t_h, fits, t_ref, e_ref, w, n_grid: int = 6
     T_ref / w (beyond it U > 1, worse than the reference), each device's cut with the least energy that finishes by
     tau (separable while the shares fit under f_max); the ``keep`` deadlines with the smallest U.
     Returns a list of ``keep`` cut arrays (N, M)."""
-    N = t_d.shape[0]
-    I = model.iterations
     C = np.broadcast_to(model.server_cycles, t_d.shape)
     fast = np.where(fits, model.round_delay_s(t_d, t_l, t_h, np.where(C > 0, C / model.f_max_hz, 0.0)), np.inf)
     lo = fast.min(-1).max(-1)                                                           # (N,)
@@ -406,15 +415,9 @@ def _deadline_sweep(model, t_d, t_l, t_h, fits, t_ref, e_ref, w, n_grid: int = 6
     hi = np.maximum(t_ref / max(w, 1e-12), lo * (1 + 1e-9))
     taus = lo[:, None] * (hi / lo)[:, None] ** np.linspace(0, 1, n_grid)[None, :]        # (N, G)
     taus = taus * (1 + 1e-12)
-    c = _least_energy_cuts(model, _pace(model, t_d, t_l, t_h), fits, taus)                # (N, G, M)
-    n, m = np.arange(N)[:, None, None], np.arange(t_d.shape[1])[None, None, :]
-    pace = tuple(p[n, m, c] if np.ndim(p) else p for p in _pace(model, t_d, t_l, t_h))
-    need, _ = _need_hz(pace, model.server_cycles[c], taus[:, :, None])                   # (N, G, M)
-    ok = fits[n, m, c] & (need <= model.f_max_hz)
-    e_best = np.where(ok, model.energy_j(I * model.server_cycles[c], np.where(ok, need, 0.0)), np.inf)
-    f_best = need
+    c, need, e_best = _least_energy_cuts(model, _pace(model, t_d, t_l, t_h), fits, taus)  # (N, G, M) each
     U = w * taus / t_ref[:, None] + (1 - w) * e_best.sum(-1) / e_ref[:, None]
-    U = np.where(np.isfinite(e_best).all(-1) & (f_best.sum(-1) <= model.f_max_hz), U, np.inf)
+    U = np.where(np.isfinite(e_best).all(-1) & (need.sum(-1) <= model.f_max_hz), U, np.inf)
     order = np.argsort(U, axis=1)[:, :keep]
     return [np.take_along_axis(c, order[:, k, None, None], 1)[:, 0] for k in range(min(keep, n_grid))]
 

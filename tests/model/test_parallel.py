@@ -203,3 +203,32 @@ def test_rounds_are_solved_alone(monkeypatch):
     for k in ("cut_layer", "frequency_hz", "objective", "feasible"):
         np.testing.assert_array_equal(getattr(pieces, k), getattr(whole, k))
     assert len(np.unique(whole.cut_layer)) > 1
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("seed", range(4))
+def test_sweep_least_energy_cut_by_brute_force(seed, schedule):
+    """The deadline sweep's least-energy cut, share and energy per device and deadline, against every cut's smallest
+    sufficient share found by bisection on CostModel.round_delay_s (continuous; no helper of CARD used)."""
+    from splitlora.model.parallel import _least_energy_cuts, _pace, _stages
+    model, P, Ru, Rd, M, w = parallel_instance(seed, rounds=3, devices=4, n_cuts=6, schedule=schedule)
+    t_d, t_l, t_h = _stages(model, P, Ru, Rd)                                           # (N, M, L+1)
+    fits = model.device_memory_bytes[None, None, :] <= M[..., None]
+    F, C = model.f_max_hz, model.server_cycles
+    fastest = model.round_delay_s(t_d, t_l, t_h, np.where(C > 0, C / F, 0.0))
+    taus = np.geomspace(fastest.min(), fastest.max() * 3, 40)[None, :].repeat(3, 0)     # (N, G)
+    cut, need, energy = _least_energy_cuts(model, _pace(model, t_d, t_l, t_h), fits, taus)
+    lo, hi = np.full(t_d.shape + (40,), 1.0), np.full(t_d.shape + (40,), F)            # (N, M, L+1, G) shares
+    x = lambda a: a[..., None]  # noqa: E731
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        ok = model.round_delay_s(x(t_d), x(t_l), x(t_h), x(C)[None, None] / mid) <= taus[:, None, None, :]
+        hi, lo = np.where(ok, mid, hi), np.where(ok, lo, mid)
+    can = x(fits) & (model.round_delay_s(x(t_d), x(t_l), x(t_h), x(C)[None, None] / F) <= taus[:, None, None, :])
+    f = np.where(x(C)[None, None] > 0, hi, 0.0)
+    E = np.where(can, model.energy_j(model.iterations * x(C)[None, None], f), np.inf)   # (N, M, L+1, G)
+    best = E.min(2).transpose(0, 2, 1)                                                   # (N, G, M)
+    assert np.isfinite(best).any() and (~np.isfinite(best)).any() and (best == 0).any() and (best > 0).any()
+    np.testing.assert_allclose(energy, best, rtol=1e-9)
+    share = np.take_along_axis(f, np.transpose(cut, (0, 2, 1))[:, :, None, :], 2)[:, :, 0].transpose(0, 2, 1)
+    np.testing.assert_allclose(np.where(np.isfinite(best), need, 0), np.where(np.isfinite(best), share, 0), rtol=1e-9)
