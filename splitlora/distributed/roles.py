@@ -206,7 +206,7 @@ class Server:
         self.node.wipe()
         self.node.set_owned(list(st["params"]), {"params": st["params"], "opt": st["opt"]})
         self.turn, self.global_step = int(st["turn"]), int(st["global_step"])
-        if self.turn >= len(self.turns) and self.global_step < self.total_steps:
+        if self.turn >= self._units() and self.global_step < self.total_steps:
             raise InvalidParameterError(
                 f"checkpoint {str(path)!r} is invalid to resume: it holds an incomplete run that ended after every turn "
                 f"({self.global_step} of {self.total_steps} mini-batches trained), so resuming would only end it again; "
