@@ -1,7 +1,7 @@
 """The parallel training modes as processes (issue 13): ``splitfed`` (SFL-V2), ``splitfed_v1`` and ``fedlora`` with
 2 devices give the losses and adapter of ``run_in_process`` (``SplitTrainer.run(mode=...)``); a device killed mid-round
-is left out of that round's average, logged, and the run is incomplete; a server killed mid-round resumes from its
-round-end checkpoint as if uninterrupted. Tiny Llama (H = 32, 2 blocks = 4 sublayer units), 3 processes per run,
+is left out of that round's average, logged, and the run is incomplete; a server killed mid-round (splitfed, fedlora)
+resumes from its round-end checkpoint as if uninterrupted. Tiny Llama (H = 32, 2 blocks = 4 sublayer units), 3 processes per run,
 harness of tests/distributed/harness.py."""
 from __future__ import annotations
 
@@ -84,20 +84,20 @@ def test_splitfed_two_devices_heterogeneous_cuts_equal_in_process(tmp_path, mode
 
 
 @pytest.mark.slow
-def test_fedlora_two_devices_equal_in_process(tmp_path):
+def test_fedlora_two_devices_equal_in_process_across_a_server_restart(tmp_path):
     """fedlora: each device trains the whole LoRA model (c = L, only its losses cross the link), the server
-    averages the adapters: losses and adapter as in-process."""
-    cfg = base_config(tmp_path, devices=TWO, cut="card", mode="fedlora", card_scenario={"granularity": "sublayer"})
-    codes, cl = _run(tmp_path, cfg)
-    assert codes == {0: 0, 1: 0, 2: 0}, cl.logs()
-    logs, _ = assert_same_as_in_process(cfg)
+    averages the adapters: losses and adapter as in-process. The server is killed in round 1 and restarted
+    (:func:`_assert_resumed`): the devices over memory are named once, not again after the resume."""
+    cfg = base_config(tmp_path, devices=TWO, cut="card", mode="fedlora", card_scenario={"granularity": "sublayer"},
+                      dist={"join_timeout_s": 60})
+    logs, events = _assert_resumed(cfg, *_run(tmp_path, cfg, kill={0: 6}, restart=True))
     assert {x["cut_layer"] for x in logs} == {4} and all(x["bytes_up"] == 0 for x in logs)
     # the devices that could not hold the whole model (of the planning scenario, Llama-3.2-1B) are named
     rc = config.config_from_dict(cfg)
     need = plan.RunPlan.build(rc).cost_model.device_memory_bytes[-1]
-    events = json.loads((Path(cfg["dist"]["output_dir"]) / "events.json").read_text())
-    assert sorted(e["device"] for e in events if e["event"] == "exceeds_memory") == \
-        [m for m in range(2) if plan.device_profile(rc, m)[1] < need]
+    over = [m for m in range(2) if plan.device_profile(rc, m)[1] < need]
+    assert over  # else the check below could not fail
+    assert sorted(e["device"] for e in events if e["event"] == "exceeds_memory") == over
 
 
 @pytest.mark.slow
@@ -150,31 +150,31 @@ def test_device_absent_every_round_is_the_run_without_it(tmp_path, mode):
     assert any(not torch.equal(v, want[k]) for k, v in c.adapter_state().items())
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("mode", ["splitfed", "fedlora"])
-def test_server_killed_mid_round_resumes_as_uninterrupted(tmp_path, mode):
-    """The server is SIGKILLed in round 1 of 3 (before it applies global step 6, device 0's second mini-batch)
-    and restarted: it resumes from its checkpoint of round 0's end, the devices rejoin by themselves, round 1 is
-    run again from its start. Losses and adapter equal the uninterrupted in-process run (1e-6), the logs hold
-    every step once (0..11, no row of the lost partial round), round_done once per round, exceeds_memory
-    (fedlora) once per device."""
-    cfg = base_config(tmp_path, devices=TWO, rounds=3, cut=[[1, 3], [2, 2], [3, 1]], mode=mode,
-                      card_scenario={"granularity": "sublayer"}, dist={"join_timeout_s": 60})
-    codes, cl = _run(tmp_path, cfg, kill={0: 6}, restart=True)
+def _assert_resumed(cfg: dict, codes: dict, cl) -> tuple[list, list]:
+    """A run whose server was SIGKILLed (``_run(kill={0: 6}, restart=True)``: in round 1, before it applied global
+    step 6, device 0's second mini-batch) and restarted: it resumed from its checkpoint of round 0's end, the
+    devices rejoined by themselves and round 1 ran again from its start. Losses and adapter equal the uninterrupted
+    in-process run (1e-6); the logs hold every step once (no row of the lost partial round, none missing), as do
+    the checkpoint's JSONL logs; round_done and turn_done once per round (and device). Returns (logs, events)."""
     assert cl.lives == {0: 2, 1: 1, 2: 1} and codes == {0: 0, 1: 0, 2: 0}, cl.logs()
     logs, _ = assert_same_as_in_process(cfg)
-    assert [x["step"] for x in logs] == list(range(12))
+    rounds, steps = cfg["rounds"], cfg["rounds"] * 2 * cfg["steps_per_round"]
+    assert [x["step"] for x in logs] == list(range(steps))
+    ck = [json.loads(x) for x in (Path(cfg["dist"]["checkpoint_dir"]) / "server.logs.jsonl").read_text().splitlines()]
+    assert ck == logs
     events = json.loads((Path(cfg["dist"]["output_dir"]) / "events.json").read_text())
     kinds = Counter(e["event"] for e in events)
     assert kinds["resumed"] == 1 and not kinds["left_out"] and not kinds["skipped"], events
-    assert [e["round"] for e in events if e["event"] == "round_done"] == [0, 1, 2]
-    assert [e["round"] for e in events if e["event"] == "turn_done"] == [0, 0, 1, 1, 2, 2]
-    # the checkpoint's JSONL logs hold the same rows (appended after the resumed server's first checkpoint)
-    ck = [json.loads(x) for x in (Path(cfg["dist"]["checkpoint_dir"]) / "server.logs.jsonl").read_text().splitlines()]
-    assert ck == logs
-    if mode == "fedlora":
-        rc = config.config_from_dict(cfg)
-        need = plan.RunPlan.build(rc).cost_model.device_memory_bytes[-1]
-        over = [m for m in range(2) if plan.device_profile(rc, m)[1] < need]
-        assert over  # else the check below could not fail
-        assert sorted(e["device"] for e in events if e["event"] == "exceeds_memory") == over
+    assert [e["round"] for e in events if e["event"] == "round_done"] == list(range(rounds))
+    assert [(e["round"], e["device"]) for e in events if e["event"] == "turn_done"] == \
+        [(n, m) for n in range(rounds) for m in range(2)]
+    return logs, events
+
+
+@pytest.mark.slow
+def test_splitfed_server_killed_mid_round_resumes_as_uninterrupted(tmp_path):
+    """splitfed, 3 rounds at heterogeneous cuts: the server is killed in round 1 and restarted
+    (:func:`_assert_resumed`); the resumed server rewrites its JSONL files at round 1's end and appends round 2."""
+    cfg = base_config(tmp_path, devices=TWO, rounds=3, cut=[[1, 3], [2, 2], [3, 1]], mode="splitfed",
+                      dist={"join_timeout_s": 60})
+    _assert_resumed(cfg, *_run(tmp_path, cfg, kill={0: 6}, restart=True))
