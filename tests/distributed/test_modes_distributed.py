@@ -43,8 +43,8 @@ def test_fingerprint_of_the_default_mode_is_unchanged_and_modes_differ(tmp_path)
 
 
 def test_parallel_modes_plan_their_cuts(tmp_path):
-    """fedlora: c = L for every device; splitfed with cut: card: the parallel schedule's CARD, not the sequential
-    one, scaled to the trained model's units."""
+    """fedlora: c = L for every device; splitfed and splitfed_v1 with cut: card: the parallel schedule's CARD, not
+    the sequential one, scaled to the trained model's units."""
     base = base_config(tmp_path, devices=TWO, cut="card", card_scenario={"granularity": "sublayer"}, rounds=3)
     fl = plan.RunPlan.build(config.config_from_dict({**base, "mode": "fedlora"}))
     assert fl.planned_cuts() == [[fl.num_units] * 2] * 3
@@ -61,6 +61,10 @@ def test_parallel_modes_plan_their_cuts(tmp_path):
     plan_df = launch.dry_run(sf.config)
     assert plan_df["cut_layer"].tolist() == [c for row in sf.planned_cuts() for c in row]
     assert (plan_df.groupby("round")["clock_ghz"].sum() * 1e9 <= sf.cost_model.f_max_hz * (1 + 1e-9)).all()
+    # SFL-V1 has the same schedule (a copy per device changes what the server trains, not its work): the same plan
+    v1 = plan.RunPlan.build(config.config_from_dict({**base, "mode": "splitfed_v1"}))
+    assert v1.cost_model.parallel and v1.planned_cuts() == sf.planned_cuts()
+    assert launch.dry_run(v1.config).equals(plan_df)
 
 
 @pytest.mark.slow
