@@ -52,7 +52,8 @@ def _atomic_save(obj, path: Path) -> None:
 
 
 def _test_kill(step: int) -> None:
-    """Test hook: ``SPLITLORA_TEST_KILL_AT=<global step>`` SIGKILLs this process at that step (mid-turn)."""
+    """Test hook: ``SPLITLORA_TEST_KILL_AT=<global step>`` SIGKILLs this process at that step (mid-turn; the
+    parallel modes' server: before it applies that step)."""
     at = os.environ.get("SPLITLORA_TEST_KILL_AT")
     if at is not None and int(at) == step:
         os.kill(os.getpid(), signal.SIGKILL)
