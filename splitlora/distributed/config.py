@@ -18,11 +18,14 @@ from splitlora._validate import check_choice
 from splitlora.errors import InvalidParameterError
 from splitlora.model.hardware import load_hardware
 from splitlora.model.scenario import Scenario
+from splitlora.training.federated import MODES
 from splitlora.training.models import resolve_source, tiny_llama_config
 from splitlora.training.trainer import SplitTrainConfig
 
-#: Training modes of distributed runs (splitlora.training.federated.MODES less SFL-V1, which runs in-process only).
-DIST_MODES = ("sequential", "splitfed", "fedlora")
+#: Training modes of distributed runs: those of the in-process trainer (splitlora.training.federated.MODES).
+DIST_MODES = MODES
+#: The split parallel modes (SFL-V2, SFL-V1): planned with the parallel schedule's CARD (docs/distributed.md).
+SPLITFED_MODES = ("splitfed", "splitfed_v1")
 SYNTHETIC_GSM8K = "gsm8k:synthetic"  # RunConfig.data: the offline GSM8K-format default of splitlora.training.data
 SHIPPED_GSM8K = "gsm8k"  # RunConfig.data: the shipped copy of GSM8K (splitlora.training.data.load_gsm8k)
 
@@ -186,8 +189,9 @@ class RunConfig:
     "Your own hardware") [None]. server: server profile key or board CARD plans for [None: the default server].
     link: :class:`LinkConfig`. dist: :class:`DistConfig`. mode: the training mode (:data:`DIST_MODES`,
     docs/distributed.md "Training modes"): "sequential" (devices take turns), "splitfed" (SFL-V2: the devices of
-    a round in parallel, one server-side adapter, FedAvg of the device-side adapters) or "fedlora" (no split,
-    FedAvg of whole adapters) ["sequential"].
+    a round in parallel, one server-side adapter, FedAvg of the device-side adapters), "splitfed_v1" (SFL-V1: as
+    splitfed with a server-side copy per device, averaged too) or "fedlora" (no split, FedAvg of whole adapters)
+    ["sequential"].
     """
     model: dict = field(default_factory=lambda: {"hidden_size": 32, "num_layers": 2, "seed": 0})
     lora: dict = field(default_factory=lambda: {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0,
@@ -235,8 +239,8 @@ class RunConfig:
                                         f"{LIMITS['devices']} devices")
         check_number("w", self.w, 0.0, 1.0)
         check_choice("mode", self.mode, DIST_MODES)
-        if self.mode == "splitfed" and self.cut == "card" and self.w <= 0:
-            raise InvalidParameterError(f"w={self.w!r} is invalid with mode='splitfed' and cut='card': must be in "
+        if self.mode in SPLITFED_MODES and self.cut == "card" and self.w <= 0:
+            raise InvalidParameterError(f"w={self.w!r} is invalid with mode={self.mode!r} and cut='card': must be in "
                                         "(0, 1] (the parallel schedule's CARD has no optimum at w = 0)")
         check_text("hardware", self.hardware, optional=True)
         check_text("server", self.server, optional=True)

@@ -15,7 +15,7 @@ import time
 from dataclasses import replace
 
 from splitlora._validate import check_int_range
-from splitlora.distributed.config import RunConfig, check_run_config, load_config, parse_set
+from splitlora.distributed.config import SPLITFED_MODES, RunConfig, check_run_config, load_config, parse_set
 from splitlora.distributed.parallel_roles import ParallelServer
 from splitlora.distributed.roles import Device, RunIncomplete, Server
 from splitlora.distributed.wire import SECRET_ENV
@@ -123,7 +123,7 @@ def _dry_run_parallel(cfg: RunConfig, model, units: int, states, rates) -> list[
     for n in range(cfg.rounds):
         R = rates[n][None, :]
         cuts = pl.round_cuts(cfg, model, n, prof, rates[n], units)
-        if cfg.mode == "splitfed" and cfg.cut == "card":
+        if cfg.mode in SPLITFED_MODES and cfg.cut == "card":
             d = card_parallel(model, P, R, R, Mem, cfg.w, discrete_clocks=True)
             planned, f, delay, energy = d.cut_layer[0], d.frequency_hz[0], d.delay_s[0], d.energy_j[0]
         else:

@@ -1,4 +1,4 @@
-"""The server of the parallel training modes across processes: ``splitfed`` (SFL-V2) and ``fedlora``.
+"""The server of the parallel training modes across processes: ``splitfed`` (SFL-V2), ``splitfed_v1`` and ``fedlora``.
 
 The devices are the sequential mode's :class:`~splitlora.distributed.roles.Device` (a round is one turn for each);
 :class:`ParallelServer` opens every device's turn of a round at once, serves their smashed data in the order of
@@ -14,7 +14,7 @@ import time
 import torch
 
 from splitlora._validate import check_int_range
-from splitlora.distributed.roles import TURN, DistStepLog, Server
+from splitlora.distributed.roles import TURN, DistStepLog, Server, _test_kill
 from splitlora.errors import InvalidParameterError
 from splitlora.distributed.wire import (K_CTRL, K_GRAD, K_HIDDEN, K_LABELS, K_LOSS, K_MASK, K_RATES, K_STATS,
                                         ProtocolError, cuda_sync, recv_adapter, send_adapter)
@@ -27,29 +27,29 @@ _RELEASE = object()  # tells a connection's thread to stop waiting for a gradien
 
 
 class ParallelServer(Server):
-    """Rank 0 of a ``splitfed`` or ``fedlora`` run (``RunConfig.mode``).
+    """Rank 0 of a ``splitfed``, ``splitfed_v1`` or ``fedlora`` run (``RunConfig.mode``).
 
     Round n: the cut of every device (:meth:`~splitlora.distributed.plan.RunPlan.round_cuts`: the parallel
     schedule's CARD, or c = L for fedlora); each connected device gets its turn (cut, the round's global
     device-side adapter with its AdamW state) at once and trains at the same time as the others, one thread per
     connection carrying its messages. The server applies the smashed data round-robin, the i-th mini-batch of
-    devices 0..M-1 before any (i+1)-th, each with one update of the one server-side adapter (SFL-V2). At the
+    devices 0..M-1 before any (i+1)-th, each with one update of the one server-side adapter (SFL-V2), or of
+    device m's own copy of the round's global server-side adapter (SFL-V1, ``splitfed_v1``). At the
     round's end each device's model (its returned adapter + the server-side matrices of its cut) is averaged by
     :func:`~splitlora.training.federated.fedavg_payloads` (weights: the records each device holds), each matrix
     over the devices that hold it. A device lost mid-round (closed connection, timeout, a message refused) keeps
-    the server updates already applied, is left out of the average (``left_out`` event) and the run is
-    incomplete; one absent at the round's start is ``skipped``. Checkpoints at each round's end
+    the server updates already applied (SFL-V1: its copy is dropped), is left out of the average (``left_out``
+    event) and the run is incomplete; one absent at the round's start is ``skipped``. Checkpoints at each round's end
     (``turn`` = rounds done)."""
 
     def __init__(self, cfg, plan=None):
         super().__init__(cfg, plan)
         self._lost_last: set[int] = set()  # devices lost in the previous round: given join_timeout_s to rejoin
-        self._over_memory: set[int] = set()  # devices already reported as unable to hold the whole model
 
     def _check_mode(self) -> None:
         if self.cfg.mode == "sequential":
-            raise InvalidParameterError("mode='sequential' is invalid for ParallelServer: must be 'splitfed' or "
-                                        "'fedlora' (use splitlora.distributed.roles.Server)")
+            raise InvalidParameterError("mode='sequential' is invalid for ParallelServer: must be 'splitfed', "
+                                        "'splitfed_v1' or 'fedlora' (use splitlora.distributed.roles.Server)")
 
     def _units(self) -> int:
         """How many units of work the run has: rounds (``turn`` counts rounds done)."""
@@ -87,9 +87,9 @@ class ParallelServer(Server):
         cuts = self.plan.round_cuts(n, profiles, card_rates)
         if cfg.mode == "fedlora":  # federated LoRA ignores device memory: say which devices could not hold the model
             need = float(self.plan.cost_model.device_memory_bytes[-1])
+            told = {e["device"] for e in self.events if e["event"] == "exceeds_memory"}  # once a run, resumed too
             for m in conns:
-                if profiles[m][1] < need and m not in self._over_memory:
-                    self._over_memory.add(m)
+                if profiles[m][1] < need and m not in told:
                     self.event("exceeds_memory", device=m, needed_bytes=need, memory_bytes=float(profiles[m][1]))
         glob = node.export(node.owned)
         parts = {}
@@ -109,7 +109,8 @@ class ParallelServer(Server):
                                        parts[m][2], cuts[m], I, inq[m], outq[m]))
             t.start()
             threads.append(t)
-        shared = _subset(glob, list(glob["params"]))  # SFL-V2: the one server-side adapter of the round
+        copy_of = (lambda m: m) if cfg.mode == "splitfed_v1" else (lambda m: 0)  # SFL-V1: a copy per device
+        server = {copy_of(m): _subset(glob, list(glob["params"])) for m in (conns or [0])}
         logs = {m: [] for m in conns}
         live = set(conns)
         for i in range(I):
@@ -117,6 +118,7 @@ class ParallelServer(Server):
                 item = self._next(n, m, inq, live, outq, logs)
                 if item is None:
                     continue
+                _test_kill(self.global_step)
                 _, payload, t_up, moved = item
                 rate = float(self.plan.rates_bps[n, m]) * cfg.link.rate_scale
                 log = DistStepLog(self.global_step, n, m, cuts[m], 0.0, 0, 0, 0, moved if i == 0 else 0,
@@ -127,7 +129,8 @@ class ParallelServer(Server):
                     if cuts[m] == self.L:
                         log.loss = float(payload[0])
                     else:
-                        shared, grad = self._server_step(log, payload, t_up, parts[m], shared, rate)
+                        k = copy_of(m)
+                        server[k], grad = self._server_step(log, payload, t_up, parts[m], server[k], rate)
                         outq[m].put(grad)
                 except Exception as err:  # noqa: BLE001  what a device's data makes fail
                     self._leave_out(n, m, live, outq, err, len(logs[m]))
@@ -153,16 +156,17 @@ class ParallelServer(Server):
             t.join(timeout=1.0)
         self._lost_last = set(conns) - set(done)
         weights = self.plan_weights()
-        models = [_merge(_subset(shared, parts[m][3]), done[m]) for m in sorted(done)]
-        base = shared if cfg.mode == "splitfed" else glob  # matrices no participant holds
+        models = [_merge(_subset(server[copy_of(m)], parts[m][3]), done[m]) for m in sorted(done)]  # lost: dropped
+        base = server[0] if cfg.mode == "splitfed" else glob  # matrices no participant holds
         new = _merge(base, fedavg_payloads(models, [weights[m] for m in sorted(done)]))
         node.wipe()
         node.set_owned(list(glob["params"]), new)
         self.event("round_done", round=n, devices=sorted(done), cuts=cuts, seconds=time.perf_counter() - t_round)
 
     def _server_step(self, log, payload, t_up, part, shared, rate):
-        """One server update on device m's smashed data: load the shared server-side matrices of its cut, forward,
-        loss, backward, AdamW step; returns (the shared adapter with them updated, the gradient to send or None)."""
+        """One server update on device m's smashed data: load the server-side matrices of its cut from ``shared``
+        (the one SFL-V2 adapter, or device m's SFL-V1 copy), forward, loss, backward, AdamW step; returns (``shared``
+        with them updated, the gradient to send or None)."""
         cfg, node = self.cfg, self.node
         _, s_part, d_own, s_own = part
         hid, labels, am = payload

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from splitlora.distributed.config import SYNTHETIC_GSM8K, DistConfig, RunConfig, planning_scenario
+from splitlora.distributed.config import SPLITFED_MODES, SYNTHETIC_GSM8K, DistConfig, RunConfig, planning_scenario
 from splitlora.errors import InvalidParameterError
 from splitlora.model.card import card
 from splitlora.model.parallel import card_parallel
@@ -148,7 +148,7 @@ def cost_model(cfg: RunConfig, hf_config):
         cm = planning_scenario(cfg).cost_model()
     else:
         cm = CostModel.from_profile(prof, load_hardware(cfg.hardware).server(cfg.server), Workload(cfg.steps_per_round))
-    if cfg.mode == "splitfed" and not cm.parallel:  # splitfed: the parallel schedule (docs/model.md)
+    if cfg.mode in SPLITFED_MODES and not cm.parallel:  # SFL-V2 / V1: the parallel schedule (docs/model.md)
         cm = dataclasses.replace(cm, schedule="parallel-pipelined" if cm.pipelined else "parallel")
     return cm, prof
 
@@ -167,9 +167,10 @@ def decide_cut(cfg: RunConfig, model, n: int, m: int, flops_per_s: float, memory
 
 def round_cuts(cfg: RunConfig, model, n: int, profiles, rates_bps, num_units: int) -> list[int]:
     """Cut layer of every device in round n of a parallel mode: ``fedlora``: L (no split, by definition);
-    ``splitfed``: the schedule, or the parallel schedule's CARD (:func:`splitlora.model.parallel.card_parallel`,
-    all devices of the round jointly) from the reported ``profiles`` [(FLOP/s, memory bytes)] and up-link
-    ``rates_bps`` (bit/s), one per device, scaled to ``num_units`` as :func:`decide_cut` does (infeasible: 0)."""
+    ``splitfed`` and ``splitfed_v1``: the schedule, or the parallel schedule's CARD
+    (:func:`splitlora.model.parallel.card_parallel`, all devices of the round jointly) from the reported
+    ``profiles`` [(FLOP/s, memory bytes)] and up-link ``rates_bps`` (bit/s), one per device, scaled to
+    ``num_units`` as :func:`decide_cut` does (infeasible: 0)."""
     M = cfg.num_devices
     if cfg.mode == "fedlora":
         return [num_units] * M

@@ -52,7 +52,8 @@ def _atomic_save(obj, path: Path) -> None:
 
 
 def _test_kill(step: int) -> None:
-    """Test hook: ``SPLITLORA_TEST_KILL_AT=<global step>`` SIGKILLs this process at that step (mid-turn)."""
+    """Test hook: ``SPLITLORA_TEST_KILL_AT=<global step>`` SIGKILLs this process at that step (mid-turn; the
+    parallel modes' server: before it applies that step)."""
     at = os.environ.get("SPLITLORA_TEST_KILL_AT")
     if at is not None and int(at) == step:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -206,7 +207,7 @@ class Server:
         self.node.wipe()
         self.node.set_owned(list(st["params"]), {"params": st["params"], "opt": st["opt"]})
         self.turn, self.global_step = int(st["turn"]), int(st["global_step"])
-        if self.turn >= len(self.turns) and self.global_step < self.total_steps:
+        if self.turn >= self._units() and self.global_step < self.total_steps:
             raise InvalidParameterError(
                 f"checkpoint {str(path)!r} is invalid to resume: it holds an incomplete run that ended after every turn "
                 f"({self.global_step} of {self.total_steps} mini-batches trained), so resuming would only end it again; "

@@ -93,7 +93,7 @@ BAD = {
     "dist.checkpoints": ["no", "yes", 1],
     "hardware": [5, "", True, "no-such-hardware.yaml"],
     "server": [5, "", "H200"],
-    "mode": ["parallel", "splitfed_v1", "SplitFed", 1, None, ["splitfed"]],
+    "mode": ["parallel", "splitfed_v2", "SplitFed", 1, None, ["splitfed"]],
     "dist.secret_file": [5, "", True],
     "dist.output_dir": [5, "", True],
     "dist.device": ["gpu"],

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from splitlora.distributed import config, launch, roles, wire
+from splitlora.distributed.parallel_roles import ParallelServer
 from splitlora.errors import InvalidParameterError
 from splitlora.paths import RUNS_DIR
 from tests.distributed.harness import SECRET, base_config
@@ -187,13 +188,19 @@ def test_server_checkpoint_appends_a_turn_and_resume_drops_rows_written_after_it
         roles.Server(cfg)
 
 
-def test_an_incomplete_run_is_not_resumed_into_ending_again(tmp_path, monkeypatch, capsys):
-    """A run that ended incomplete left a checkpoint after its last turn: the next run in the same folder is refused
-    with what to do (it used to resume, skip every turn and end incomplete at once, without waiting for devices)."""
+@pytest.mark.parametrize("mode", ["sequential", "splitfed"])
+def test_an_incomplete_run_is_not_resumed_into_ending_again(tmp_path, monkeypatch, capsys, mode):
+    """A run that ended incomplete left a checkpoint after its last turn (parallel modes: its last round): the next
+    run in the same folder is refused with what to do (it used to resume, skip every turn and end incomplete at once,
+    without waiting for devices; a parallel run's checkpoint counts rounds, not turns)."""
     monkeypatch.setenv(wire.SECRET_ENV, SECRET)
-    cfg = config.config_from_dict(base_config(tmp_path, dist={"startup_timeout_s": 0.3}))
-    assert launch.run_role(cfg, 0, 2) == 1  # no device ever joins
-    with pytest.raises(InvalidParameterError, match=r"incomplete run that ended after every turn \(0 of 4 mini-batches"
+    server = roles.Server if mode == "sequential" else ParallelServer
+    # parallel: 2 devices, so that its 2 rounds are fewer than the 4 turns of the same run
+    over = {} if mode == "sequential" else {"mode": mode, "devices": ["Device 3", "Device 5"], "cut": [[1, 1], [3, 3]]}
+    cfg = config.config_from_dict(base_config(tmp_path, **over, dist={"startup_timeout_s": 0.3}))
+    assert launch.run_role(cfg, 0, cfg.num_devices + 1) == 1  # no device ever joins
+    n = 2 * 2 * cfg.num_devices  # mini-batches: rounds x steps_per_round x devices
+    with pytest.raises(InvalidParameterError, match=rf"incomplete run that ended after every turn \(0 of {n} mini-batches"
                                                     r".*delete .*ck.* or set dist\.resume: false"):
-        roles.Server(cfg)
-    roles.Server(config.config_from_dict(base_config(tmp_path, dist={"startup_timeout_s": 0.3, "resume": False})))
+        server(cfg)
+    server(config.config_from_dict(base_config(tmp_path, **over, dist={"startup_timeout_s": 0.3, "resume": False})))
