@@ -132,16 +132,19 @@ def allocate(model: CostModel, cut_layer, t_d, t_l, t_h, t_ref, e_ref, w: float,
 
 
 def _deadline(pace, C, lo, F, a, b, max_steps: int = 100):
-    """The optimal deadline tau* (K,) of :func:`allocate`: the smallest tau >= lo (K,) with g(tau) = sum_m f_m(tau) - F
-    <= 0 (the coupling) and h(tau) = a - b sum_m f_m(tau)^3 / k_m >= 0 (dU/dtau; a = w / T_ref, b = 2 (1 - w) kappa
-    I / E_ref, both (K,)). Device m's need is f_m = k C / (tau - A) on its binding line: line 2 below the lines'
-    crossing x_m = (k1 A2 - k2 A1) / (k1 - k2), line 1 from it on (:func:`_pace`); -f' = f / (tau - A). g is convex
-    and decreasing, so a Newton step from the left of its root stays left of it; h is increasing, concave between
-    crossings and jumps up at each (k falls from k2 to k1), so its Newton step stays left of its root when clipped to
-    the next crossing. tau* = max(root of g, root of h): each step goes to the larger of the two Newton points, a
-    monotone sequence that reaches tau* (quadratically between crossings), stopped when it no longer moves, then
-    raised by 1e-12 (relative) so that the shares fit. It starts at the largest of lo and two lower bounds from
-    f_m >= k1 C_m / (tau - A1_min): tau* >= A1_min + k1 sum C / F and tau* >= A1_min + (b / a k1^2 sum C^3)^(1/3)."""
+    """The optimal deadline tau* (K,) of :func:`allocate`: the smallest tau >= lo (K,) with S(tau) = sum_m f_m(tau)
+    <= F (the coupling) and Q(tau) = sum_m f_m(tau)^3 / k_m <= a / b (dU/dtau >= 0; a = w / T_ref, b = 2 (1 - w)
+    kappa I / E_ref, both (K,)). Device m's need is f_m = k C / (tau - A) on its binding line: line 2 below the lines'
+    crossing x_m = (k1 A2 - k2 A1) / (k1 - k2), line 1 from it on (:func:`_pace`); -f' = f / (tau - A).
+    Newton steps on the transformed conditions 1 / S(tau) >= 1 / F and Q(tau)^(-1/3) >= (b / a)^(1/3): 1 / f_m is
+    concave (a minimum of affine functions), so 1 / S, a harmonic sum of them, is concave and increasing, and its
+    Newton point from the left stays left of its root (exact in one step for one device); Q^(-1/3), the power mean
+    of exponent -3 of the affine k^(1/3) / f_m, is concave between crossings and jumps up at each (k falls from k2
+    to k1), so its Newton point stays left of its root when clipped to the next crossing. tau* = max of the two
+    roots: each step goes to the larger of the two Newton points, a monotone sequence that reaches tau*, stopped
+    when it no longer moves (at most 9 steps on the benchmark's rounds), then raised by 1e-12 (relative) so that the
+    shares fit. It starts at the largest of lo and two lower bounds from f_m >= k1 C_m / (tau - A1_min):
+    tau* >= A1_min + k1 sum C / F and tau* >= A1_min + (b / a k1^2 sum C^3)^(1/3)."""
     A1, k1, A2, k2 = (np.broadcast_to(p, C.shape) for p in pace)
     pos = C > 0                                  # a device without server work: f = 0 (A = -inf: tau - A = inf)
     A1, A2 = np.where(pos, A1, -np.inf), np.where(pos, A2, -np.inf)
@@ -164,11 +167,11 @@ def _deadline(pace, C, lo, F, a, b, max_steps: int = 100):
         k = np.where(on1, k1l, k2l)
         f = np.where(on1, kc1l, kc2l) / sl
         f3k = f * f * f / k
-        g = f.sum(1) - F
-        h = al - bl * f3k.sum(1)
+        S, Q = f.sum(1), f3k.sum(1)
         with np.errstate(divide="ignore", invalid="ignore"):
-            zg = np.where(g > 0, g / (f / sl).sum(1), 0.0)
-            zh = np.where(h < 0, -h / (3 * bl * (f3k / sl).sum(1)), 0.0)
+            zg = np.where(S > F, (1 / F - 1 / S) * S * S / (f / sl).sum(1), 0.0)
+            J = np.cbrt(Q)
+            zh = np.where(Q > al / bl, (1 / np.cbrt(al / bl) - 1 / J) * J * Q / (f3k / sl).sum(1), 0.0)
         nxt = np.where(xl > t[:, None] * (1 + 4 * np.finfo(float).eps), xl, np.inf).min(1) - t
         step = np.maximum(np.nan_to_num(zg, nan=0.0, posinf=0.0), np.minimum(np.nan_to_num(zh, nan=0.0, posinf=0.0), nxt))
         new = t + step
