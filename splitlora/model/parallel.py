@@ -356,7 +356,7 @@ def _lower_bound(model, pace, fast, c, f, U, m, t_d, t_l, t_h, t_ref, e_ref, w):
     return np.where((lo <= hi) | ~ok[:, None], np.where(ok[:, None], bound, -np.inf), np.inf)
 
 
-def _least_energy_cuts(model, pace, fits, taus, chunk: int = 16):
+def _least_energy_cuts(model, pace, fits, taus, chunk: int = 32):
     """For deadlines taus (N, G), each device's cut layer (N, G, M) of least server energy among those that fit and
     finish by tau with a share <= f_max (the first of them on ties; cut 0 where none does), with its share and energy
     (N, G, M each; inf where none does). A cut without server work (C = 0) costs no energy; for C > 0 the energy
@@ -370,9 +370,10 @@ def _least_energy_cuts(model, pace, fits, taus, chunk: int = 16):
     fast = _fastest_s(model, pace, np.broadcast_to(Cs, fits.shape), fits)
     pos, zero = np.flatnonzero(Cs > 0), np.flatnonzero(Cs <= 0)
     one_line = A1 is A2 and k1 == k2
-    lines = [(A1[..., pos], 1.0 / (k1 * Cs[pos] ** 1.5))]
+    gone = ~fits[..., pos]                                  # a cut that does not fit: A = inf, so v = -inf
+    lines = [(np.where(gone, np.inf, A1[..., pos]), 1.0 / (k1 * Cs[pos] ** 1.5))]
     if not one_line:
-        lines.append((A2[..., pos], 1.0 / (k2 * Cs[pos] ** 1.5)))
+        lines.append((np.where(gone, np.inf, A2[..., pos]), 1.0 / (k2 * Cs[pos] ** 1.5)))
     fast_pos = fast[..., pos]
     out = np.empty((N, taus.shape[1], M), dtype=np.int64)
     vmax = np.empty(out.shape)
@@ -389,10 +390,19 @@ def _least_energy_cuts(model, pace, fits, taus, chunk: int = 16):
                 np.minimum(v, x, out=v)
             else:
                 v, x = x, v
-        np.copyto(v, -np.inf, where=tau < fast_pos[r, None])
-        j = v.argmax(-1)[..., None] if len(pos) else np.zeros(v.shape[:-1] + (1,), dtype=np.int64)
-        best = pos[j[..., 0]] if len(pos) else j[..., 0]
-        vm = np.take_along_axis(v, j, -1)[..., 0] if len(pos) else np.full(j.shape[:-1], -np.inf)
+        if len(pos):
+            j = v.argmax(-1)[..., None]
+            # the largest v is almost always a cut that finishes by tau with f_max; where it is not, the argmax over
+            # the cuts that do (the first on ties: an earlier cut with the same v would have been the argmax)
+            late = tau[..., 0] < np.take_along_axis(fast_pos[r, None], j, -1)[..., 0]
+            if late.any():
+                t_late = np.broadcast_to(tau[..., 0], late.shape)[late][:, None]
+                vl = np.where(t_late < np.broadcast_to(fast_pos[r, None], v.shape)[late], -np.inf, v[late])
+                j[late] = vl.argmax(-1)[:, None]
+                v[late] = vl
+            best, vm = pos[j[..., 0]], np.take_along_axis(v, j, -1)[..., 0]
+        else:
+            best, vm = np.zeros(shape[:3], dtype=np.int64), np.full(shape[:3], -np.inf)
         if len(zero):  # no server work: free wherever the device finishes by tau (s >= 0 on both lines, as _need_hz)
             z = fits[r, None][..., zero] & (tau - A1[r, None][..., zero] >= 0) & (tau - A2[r, None][..., zero] >= 0)
             free = z.any(-1)
