@@ -71,6 +71,13 @@ EMULATION_SCENARIO = Scenario(granularity="block", seq_len=128, steps_per_round=
 MODE_SCHEDULES = {"sequential": "sequential", "splitfed": "parallel", "splitfed_v1": "parallel", "fedlora": "parallel"}
 
 
+def schedule_of(mode: str) -> str:
+    """The schedule a training mode is emulated under (:data:`MODE_SCHEDULES`). Raises InvalidParameterError for a
+    mode not in :data:`splitlora.training.federated.MODES`."""
+    V.check_choice("mode", mode, MODES)
+    return MODE_SCHEDULES[mode]
+
+
 def emulated_training(policies=None, scenario: Scenario | None = None, *, mode: str = "sequential", rounds: int = 4,
                       seed: int = 0, channel_initial: str | None = None, lr: float = 1e-3, model=None, tokenizer=None,
                       backend=None, real_time: bool = False, progress: bool = False) -> pd.DataFrame:
@@ -128,8 +135,7 @@ def emulated_training(policies=None, scenario: Scenario | None = None, *, mode: 
 
 
     sc = EMULATION_SCENARIO if scenario is None else scenario
-    V.check_choice("mode", mode, MODES)
-    parallel = mode != "sequential"
+    parallel = schedule_of(mode) != "sequential"
     if sc.schedule != MODE_SCHEDULES[mode]:
         raise InvalidParameterError(
             f"scenario.schedule={sc.schedule!r} is invalid with mode={mode!r}: mode={mode!r} needs schedule "
