@@ -158,15 +158,15 @@ def emulated_training(policies=None, scenario: Scenario | None = None, *, mode: 
     V.check_int_range("scenario.seq_len", sc.seq_len, 2, 1 << 16)
     devices, steps_per_round, batch_size, seq_len = sc.devices, sc.steps_per_round, sc.batch_size, sc.seq_len
     lora_rank, granularity, w = sc.lora_rank, sc.granularity, sc.w
+    server = sc.hardware_profiles().server(sc.server)
+    if parallel and server.static_power_w != 0:
+        raise InvalidParameterError(f"server static_power_w={server.static_power_w!r} is invalid with mode={mode!r}: "
+                                    "must be 0 (docs/model.md \"Parallel schedule\")")
     if model is None:
         model, tokenizer = load_model_and_tokenizer(seed=seed)
     elif tokenizer is None:
         raise InvalidParameterError("tokenizer=None is invalid with a model: must give the model's tokenizer")
 
-    server = sc.hardware_profiles().server(sc.server)
-    if parallel and server.static_power_w != 0:
-        raise InvalidParameterError(f"server static_power_w={server.static_power_w!r} is invalid with mode={mode!r}: "
-                                    "must be 0 (docs/model.md \"Parallel schedule\")")
     channel_spec = load_channel()
     profile = profile_model(model.config, batch_size=batch_size, seq_len=seq_len, granularity=granularity,
                             lora_rank=lora_rank, lora_targets=ATTN_TARGETS, param_bytes=4, wire_bytes=4,

@@ -126,6 +126,31 @@ def test_splitfed_with_one_device_equals_sequential(tiny):
     np.testing.assert_allclose(par.round_delay_s, par.delay_s, rtol=0)
 
 
+def test_infeasible_round_is_reported_and_not_trained(tiny, monkeypatch):
+    """A round whose decision does not fit (forced here for round 0) has rows with feasible False and no cost, and is
+    not trained; round 1 then trains exactly its own mini-batches (its counted FLOPs are one round's)."""
+    import splitlora.emulation.run as er
+    from splitlora.model.card import Decision
+
+    real = er.run_policies_rounds
+
+    def round0_infeasible(*args, seed, **kwargs):
+        out = real(*args, seed=seed, **kwargs)
+        if seed == 3:  # round 0 of seed=3
+            out = {k: Decision.masked(np.zeros_like(d.feasible), d.cut_layer, d.frequency_hz, d.delay_s, d.energy_j,
+                                      d.objective) for k, d in out.items()}
+        return out
+
+    monkeypatch.setattr(er, "run_policies_rounds", round0_infeasible)
+    model, tok = tiny
+    df = emulated_training(("fixed cut",), SC, mode="splitfed", rounds=2, model=model, tokenizer=tok, seed=3)
+    first, second = df[df["round"] == 0], df[df["round"] == 1]
+    assert not first.feasible.any() and (first.cut_layer == -1).all() and first.loss.isna().all()
+    assert second.feasible.all() and np.isfinite(second.loss).all()
+    np.testing.assert_allclose(second.device_flops, second.device_flops_pred, rtol=1e-9)
+    np.testing.assert_allclose(second.server_cycles, second.server_cycles_pred, rtol=1e-9)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(mode="bogus"), "mode='bogus' is invalid"),
     (dict(mode="splitfed", scenario=replace(SC, schedule="sequential")), "mode='splitfed' needs schedule 'parallel'"),
