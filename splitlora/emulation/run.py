@@ -299,7 +299,8 @@ def _parallel_round(policy, mode, n, emus, channel, server, trainer, cost, data,
         with flop_counter() as fc:
             yield
         flops[m].append(fc)
-        upload[m] = adapter_payload_bytes(trainer)
+        if i == I - 1:
+            upload[m] = adapter_payload_bytes(trainer)
 
     wall0, first = time.perf_counter(), len(trainer.logs)
     run_parallel(trainer, data, lambda n_, m: int(c[m]), n + 1, [I] * M, mode, step_context=counted)
