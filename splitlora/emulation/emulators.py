@@ -122,10 +122,18 @@ class EmulatedDevice:
         return pause
 
 
-def count_step_flops(trainer, batch, device_id: int, cut_layer: int, round_index: int = 0):
-    """One :meth:`SplitTrainer.step`, counted: returns ``(StepLog, device FLOP, server FLOP)``.
+@dataclass
+class FlopCount:
+    """FLOPs of one split step, filled in when :func:`flop_counter` exits: ``device`` and ``server`` (FLOP)."""
+    device: float = 0.0
+    server: float = 0.0
 
-    The step runs under ``FlopCounterMode`` with sdpa forced to its math backend (the fused CPU kernel has no
+
+@contextmanager
+def flop_counter():
+    """Count the FLOPs of the split step run in the block; yields a :class:`FlopCount` filled in on exit.
+
+    The block runs under ``FlopCounterMode`` with sdpa forced to its math backend (the fused CPU kernel has no
     FLOP formula). Server FLOPs are those attributed to the ``ServerPart`` module (its forward and backward);
     device FLOPs are the rest of the step (``DevicePart`` forward and its backward, which FlopCounterMode
     attributes to no module because it is started from the received gradient).
@@ -133,12 +141,21 @@ def count_step_flops(trainer, batch, device_id: int, cut_layer: int, round_index
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
+    out = FlopCount()
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        log = trainer.step(batch, device_id, int(cut_layer), round_index)
+        yield out
     counts = counter.get_flop_counts()
     total = float(sum(counts.get("Global", {}).values()))
-    server = float(sum(counts.get("ServerPart", {}).values()))
-    return log, total - server, server
+    out.server = float(sum(counts.get("ServerPart", {}).values()))
+    out.device = total - out.server
+
+
+def count_step_flops(trainer, batch, device_id: int, cut_layer: int, round_index: int = 0):
+    """One :meth:`SplitTrainer.step`, counted by :func:`flop_counter`: returns ``(StepLog, device FLOP, server
+    FLOP)``."""
+    with flop_counter() as counted:
+        log = trainer.step(batch, device_id, int(cut_layer), round_index)
+    return log, counted.device, counted.server
 
 
 # ------------------------------------------------------------------------------------------ channel

@@ -7,6 +7,7 @@ of :mod:`splitlora.training.step`. Source: docs/split-training.md, "Training mod
 from __future__ import annotations
 
 import os
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Callable, Hashable, Mapping, Sequence
 
 import torch
@@ -121,7 +122,8 @@ def _load_global(trainer: SplitTrainer, state: Mapping, cut: int) -> None:
 def run_parallel(trainer: SplitTrainer, device_batches, cut_of: Callable[[int, int], int], rounds: int,
                  steps_per_round: Sequence[int], mode: str, *, sample_weights: Sequence[float] | None = None,
                  checkpoint_path: str | os.PathLike | None = None, stop_after_round: int | None = None,
-                 lost: Mapping[tuple[int, int], int] | None = None) -> list[StepLog]:
+                 lost: Mapping[tuple[int, int], int] | None = None,
+                 step_context: Callable[[int, int, int], AbstractContextManager] | None = None) -> list[StepLog]:
     """The rounds of a parallel ``mode`` (``"splitfed"``, ``"splitfed_v1"``, ``"fedlora"``) on ``trainer``.
 
     Round n: every device m starts from the round's global adapter (values and AdamW state) and trains
@@ -138,7 +140,9 @@ def run_parallel(trainer: SplitTrainer, device_batches, cut_of: Callable[[int, i
     server had applied their first k mini-batches (0: absent the whole round; the distributed server's rule,
     docs/distributed.md "Training modes"): their steps after the k-th are not run and their adapter is left out
     of the average; a matrix that no remaining participant holds takes the server-side copy (splitfed) or the
-    round's global value. Returns ``trainer.logs``.
+    round's global value. ``step_context(n, m, i)``: an optional context-manager factory entered around each split
+    step (round, device, mini-batch index), e.g. the emulated run's FLOP counter (docs/model.md "Emulated run").
+    Returns ``trainer.logs``.
     """
     from splitlora.training.trainer import StepLog, check_has_targets
 
@@ -191,10 +195,11 @@ def run_parallel(trainer: SplitTrainer, device_batches, cut_of: Callable[[int, i
                 node.set_owned(own, _subset(payload, own))
             am = batch.get("attention_mask") if cfg.send_attention_mask else None
             check_has_targets(batch["labels"])
-            r = split_step(DeviceHalf(d_part, trainer.wire, cfg.compute_dtype),
-                           None if d_part.is_full else ServerHalf(s_part, trainer.wire, cfg.compute_dtype),
-                           batch["input_ids"], batch["labels"], am,
-                           device_optimizer=trainer.device.opt, server_optimizer=trainer.server.opt)
+            with step_context(n, m, i) if step_context is not None else nullcontext():
+                r = split_step(DeviceHalf(d_part, trainer.wire, cfg.compute_dtype),
+                               None if d_part.is_full else ServerHalf(s_part, trainer.wire, cfg.compute_dtype),
+                               batch["input_ids"], batch["labels"], am,
+                               device_optimizer=trainer.device.opt, server_optimizer=trainer.server.opt)
             local[m] = trainer.device.export(d_own)
             server[m] = _merge(server[m], trainer.server.export(s_own))
             if mode == "splitfed":

@@ -185,6 +185,30 @@ def test_emulated_run_measured_matches_predicted_where_it_should(e2e):
     assert ratio.between(1.0, 1.5).all()
 
 
+def test_emulated_run_delay_and_energy_equal_the_sequential_schedule(e2e):
+    """Sequential mode: each turn's delay (with the model's hand-over bytes in place of torch.save's) and server
+    energy equal CostModel.evaluate for the same decisions and rates to 1e-9; a round (the sum of its turns) too."""
+    from splitlora.emulation.run import EMULATION_SCENARIO
+    from tests.emulation.test_emulated_modes import cost_of
+
+    df, model = e2e
+    sc = replace(EMULATION_SCENARIO, devices=("Device 1", "Device 5"), steps_per_round=1, batch_size=2, seq_len=24)
+    cost = cost_of(model, sc)
+    P = np.array([sc.device_specs()[name].flops_per_s for name in df.device_name])
+    R = df.rate_mbps.to_numpy() * 1e6
+    c = df.cut_layer.to_numpy()
+    T, E = cost.evaluate(c, np.where(c < cost.n_cuts, df.frequency_hz, cost.f_max_hz), P, R, R)
+    modelled_handover = df.delay_s - df.handover_time_s + df.handover_time_pred_s
+    np.testing.assert_allclose(modelled_handover, T, rtol=1e-9)
+    np.testing.assert_allclose(df.energy_j, E, rtol=1e-9, atol=1e-18)
+    rounds = df.assign(model=T, measured=modelled_handover).groupby(["policy", "round"])
+    np.testing.assert_allclose(rounds.measured.sum(), rounds.model.sum(), rtol=1e-9)
+    f = df.frequency_hz.to_numpy()
+    wrong = np.where(f * 0.99 >= cost.f_min_hz, f * 0.99, f * 1.01)
+    T_w, _ = cost.evaluate(c, np.where(c < cost.n_cuts, wrong, cost.f_max_hz), P, R, R)
+    assert not np.allclose(modelled_handover, T_w, rtol=1e-6, atol=0)  # a wrong clock is seen
+
+
 def test_emulated_run_same_learning_for_every_policy(e2e):
     """Split training is the same computation whatever the cut: the policies differ in cost, not in loss."""
     df, _ = e2e
