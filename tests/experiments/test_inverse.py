@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from splitlora.experiments import analytic as ex
@@ -120,3 +121,31 @@ def test_claims_table_has_every_schedule_and_the_closest_sample():
     assert table.sequential.iloc[0].endswith("(no)")                    # D1: sequential never gives C1
     text = ex.claims_markdown(table, closest)
     assert "closest_sample (inverse reproduction" in text and f"schedule={closest['schedule']}" in text
+
+
+def test_refined_samples_stay_local_and_out_of_the_shares():
+    """The local search keeps each start's discrete choices, stays in SPACE, is seeded, re-evaluates to its own
+    row, and does not enter the uniform acceptance shares."""
+    table = inv.inverse_reproduction(8, seed=2, rounds=2, refine=6)
+    again = inv.inverse_reproduction(8, seed=2, rounds=2, refine=6)
+    pd.testing.assert_frame_equal(table, again)
+    uni, ref = table[table.stage == "uniform"], table[table.stage == "refined"]
+    assert len(uni) == 8 and len(ref) == 6
+    starts = uni.sort_values(["accepted", "distance"], ascending=[False, True], kind="stable").head(4)
+    discrete = ["schedule", "precision", "benchmark_set", "averaging", "steps_per_round", "batch_size", "seq_len",
+                "fixed_cut"]
+    for k, (_, r) in enumerate(ref.iterrows()):
+        start = starts.iloc[k % 4]
+        assert all(r[d] == start[d] for d in discrete)
+        for name in inv.REFINE_STEPS:
+            lo, hi = inv.SPACE[name]
+            assert lo <= r[name] <= hi
+        assert any(r[name] != start[name] for name in inv.REFINE_STEPS)
+        out = inv.evaluate_sample(r.to_dict(), rounds=2, seed=2)
+        assert out["distance"] == pytest.approx(r["distance"], rel=1e-12) and out["cuts"] == r["cuts"]
+    acc = inv.acceptance(table)
+    assert acc.samples.sum() == 8
+    flipped = table.assign(accepted=table.stage == "refined")
+    assert inv.acceptance(flipped).accepted_share.sum() == 0
+    ranges = inv.accepted_ranges(flipped)
+    assert set(ranges.stage) == {"refined"} and ranges.groupby("schedule").accepted.first().sum() == 6
