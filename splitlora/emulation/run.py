@@ -99,9 +99,10 @@ def emulated_training(policies=None, scenario: Scenario | None = None, *, mode: 
             :meth:`CostModel.parallel_round`. fedlora trains every device whatever its memory (``fits_memory``
             says whether Mem_d(L) fits). A round with an infeasible decision is reported and not trained.
         scenario: a :class:`~splitlora.model.scenario.Scenario` (default :data:`EMULATION_SCENARIO`): its devices
-            take turns in this order each round, ``steps_per_round`` I mini-batches of ``batch_size`` x ``seq_len``
-            tokens per turn, LoRA of rank ``lora_rank`` on q/k/v/o (alpha = 2r, no dropout), cut points of its
-            ``granularity``, CARD's ``w`` and ``discrete_clocks``, ``compute_scale`` on every board's clock. Its
+            take turns in this order each round (parallel modes: train at once), ``steps_per_round`` I
+            mini-batches of ``batch_size`` x ``seq_len`` tokens per turn, LoRA of rank ``lora_rank`` on q/k/v/o
+            (alpha = 2r, no dropout), cut points of its ``granularity``, CARD's ``w`` and ``discrete_clocks``,
+            ``compute_scale`` on every board's clock. Its
             ``model`` is not used (the trained ``model`` is), ``param_bytes`` / ``wire_bytes`` must be 4 (the
             trainer's fp32 weights and wire), and ``schedule`` must be the mode's (:data:`MODE_SCHEDULES`:
             "sequential" for sequential, "parallel" for the others).
@@ -356,14 +357,14 @@ def _rel(measured: float, predicted: float) -> float:
 
 def emulation_summary(table: pd.DataFrame) -> pd.DataFrame:
     """Per policy, over its feasible device-rounds: totals of measured and predicted delay and energy, their
-    relative differences, each component's relative difference, the last mean loss, the feasible fraction,
-    and CARD's measured reductions against the policy (1 - CARD / policy; NaN when the policy's total is 0).
-    Parallel modes (a ``round_delay_s`` column) add the totals over trained rounds of the round delay (the slowest
-    device's) and energy, measured and predicted (round_delay_s, round_delay_pred_s, round_delay_rel_diff, and
-    round_energy_* likewise).
+    relative differences, each component's relative difference, the last mean loss, the feasible fraction, the run's
+    delay (run_delay_s, run_delay_pred_s: the sum of the turns' delays when devices take turns, of the rounds'
+    delays, each the slowest device's, in the parallel modes) and CARD's measured reductions against the policy
+    (1 - CARD / policy on the run's delay and the server energy; NaN when the policy's total is 0). Parallel modes
+    (a ``round_delay_s`` column) add the totals over trained rounds of the round delay and energy, measured and
+    predicted (round_delay_s, round_delay_pred_s, round_delay_rel_diff, and round_energy_* likewise).
     """
     rows = []
-    card = table[table.policy == "CARD"]
     for policy, g in table.groupby("policy", sort=False):
         ok = g[g.feasible]
         row = {"policy": policy, "feasible_fraction": float(g.feasible.mean()), "device_rounds": len(g),
@@ -374,15 +375,18 @@ def emulation_summary(table: pd.DataFrame) -> pd.DataFrame:
             row[f"{q}_{unit}"], row[f"{q}_pred_{unit}"] = meas, pred
             row[f"{q}_rel_diff"] = _rel(meas, pred)
         row["device_time_wall_scaled_s"] = float(ok.device_time_wall_scaled_s.sum())
+        row["run_delay_s"], row["run_delay_pred_s"] = row["delay_s"], row["delay_pred_s"]
         if "round_delay_s" in g:
             per_round = g.dropna(subset=["round_delay_s"]).drop_duplicates("round")
             for q, unit in (("round_delay", "s"), ("round_energy", "j")):
                 meas, pred = float(per_round[f"{q}_{unit}"].sum()), float(per_round[f"{q}_pred_{unit}"].sum())
                 row[f"{q}_{unit}"], row[f"{q}_pred_{unit}"], row[f"{q}_rel_diff"] = meas, pred, _rel(meas, pred)
-        if len(card):
-            for q, unit in (("delay", "s"), ("energy", "j")):
-                tot = row[f"{q}_{unit}"]
-                row[f"card_{q}_reduction"] = 1.0 - float(card[card.feasible][f"{q}_{unit}"].sum()) / tot if tot > 0 \
-                    else np.nan
+            row["run_delay_s"], row["run_delay_pred_s"] = row["round_delay_s"], row["round_delay_pred_s"]
         rows.append(row)
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    if "CARD" in set(out.policy):
+        card = out[out.policy == "CARD"].iloc[0]
+        for q, col in (("delay", "run_delay_s"), ("energy", "energy_j")):
+            out[f"card_{q}_reduction"] = np.where(out[col] > 0, 1.0 - card[col] / out[col].where(out[col] > 0, 1.0),
+                                                  np.nan)
+    return out

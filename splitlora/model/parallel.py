@@ -17,7 +17,7 @@ from splitlora.errors import InvalidParameterError
 from splitlora.model.card import Decision, card, exhaustive_search
 from splitlora.model.system import CostModel, check_weight
 
-_CHUNK = 2048  # rounds solved at once: bounded temporaries (10^4 rounds take 1.7x as long in one piece here)
+_CHUNK = 2048  # rounds solved at once: bounded temporaries (one piece of 10^4 rounds: 1.7 s more, in fresh memory)
 
 
 def _round_inputs(model: CostModel, P, Ru, Rd, M):
@@ -29,8 +29,8 @@ def _round_inputs(model: CostModel, P, Ru, Rd, M):
         raise InvalidParameterError(f"static_power_w={model.static_power_w!r} is invalid for the parallel schedules: "
                                     "must be 0 (docs/model.md \"Parallel schedule\")")
     P = np.asarray(P, dtype=float)
-    if P.ndim != 2:
-        raise InvalidParameterError(f"device_flops_per_s has shape {P.shape}: must be (rounds, devices)")
+    if P.ndim != 2 or P.shape[1] < 1:
+        raise InvalidParameterError(f"device_flops_per_s has shape {P.shape}: must be (rounds, devices), devices >= 1")
     out = [np.broadcast_to(np.asarray(a, dtype=float), P.shape) for a in (P, Ru, Rd, M)]
     for name, a in zip(("device_flops_per_s", "rate_up_bps", "rate_down_bps", "memory_bytes"), out):
         V.check_positive(name, a)
@@ -138,12 +138,13 @@ def _deadline(pace, C, lo, F, a, b, max_steps: int = 100):
     crossing x_m = (k1 A2 - k2 A1) / (k1 - k2), line 1 from it on (:func:`_pace`); -f' = f / (tau - A).
     Newton steps on the transformed conditions 1 / S(tau) >= 1 / F and Q(tau)^(-1/3) >= (b / a)^(1/3): 1 / f_m is
     concave (a minimum of affine functions), so 1 / S, a harmonic sum of them, is concave and increasing, and its
-    Newton point from the left stays left of its root (exact in one step for one device); Q^(-1/3), the power mean
-    of exponent -3 of the affine k^(1/3) / f_m, is concave between crossings and jumps up at each (k falls from k2
-    to k1), so its Newton point stays left of its root when clipped to the next crossing. tau* = max of the two
+    Newton point from the left stays left of its root (exact in one step for one device on one line); Q^(-1/3), the
+    power mean of exponent -3 of the affine k^(1/3) / f_m, is concave between crossings and jumps up at each (past
+    a crossing k rises from k2 to k1 and Q falls), so its Newton point stays left of its root when clipped to the
+    next crossing (the step then lands on the crossing itself). tau* = max of the two
     roots: each step goes to the larger of the two Newton points, a monotone sequence that reaches tau*, stopped
     when it no longer moves (at most 9 steps on the benchmark's rounds), then raised by 1e-12 (relative) so that the
-    shares fit. It starts at the largest of lo and two lower bounds from f_m >= k1 C_m / (tau - A1_min):
+    shares fit. Raises RuntimeError if a row still moves after ``max_steps``. It starts at the largest of lo and two lower bounds from f_m >= k1 C_m / (tau - A1_min):
     tau* >= A1_min + k1 sum C / F and tau* >= A1_min + (b / a k1^2 sum C^3)^(1/3)."""
     A1, k1, A2, k2 = (np.broadcast_to(p, C.shape) for p in pace)
     pos = C > 0                                  # a device without server work: f = 0 (A = -inf: tau - A = inf)
@@ -172,9 +173,10 @@ def _deadline(pace, C, lo, F, a, b, max_steps: int = 100):
             zg = np.where(S > F, (1 / F - 1 / S) * S * S / (f / sl).sum(1), 0.0)
             J = np.cbrt(Q)
             zh = np.where(Q > al / bl, (1 / np.cbrt(al / bl) - 1 / J) * J * Q / (f3k / sl).sum(1), 0.0)
-        nxt = np.where(xl > t[:, None] * (1 + 4 * np.finfo(float).eps), xl, np.inf).min(1) - t
-        step = np.maximum(np.nan_to_num(zg, nan=0.0, posinf=0.0), np.minimum(np.nan_to_num(zh, nan=0.0, posinf=0.0), nxt))
-        new = t + step
+        nxt = np.where(xl > t[:, None] * (1 + 4 * np.finfo(float).eps), xl, np.inf).min(1)
+        th = t + np.nan_to_num(zh, nan=0.0, posinf=np.inf)
+        th = np.where(th >= nxt, nxt, th)        # clipped: exactly at the crossing, so line 1 binds there (on1)
+        new = np.maximum(t + np.nan_to_num(zg, nan=0.0, posinf=0.0), np.where(np.isfinite(th), th, t))
         moved = new > t * (1 + 4 * np.finfo(float).eps)
         t = np.maximum(new, t)
         tau[idx] = t
@@ -182,6 +184,9 @@ def _deadline(pace, C, lo, F, a, b, max_steps: int = 100):
             keep = np.flatnonzero(moved)
             idx, al, bl, t = idx[keep], al[keep], bl[keep], t[keep]
             loc = [x[keep] for x in loc]
+    if len(idx):
+        raise RuntimeError(f"the clock-share deadline of {len(idx)} rounds did not converge in {max_steps} Newton steps "
+                           "(splitlora.model.parallel._deadline); please report the inputs")
     return tau * (1 + 1e-12)
 
 
@@ -363,7 +368,7 @@ def _least_energy_cuts(model, pace, fits, taus, chunk: int = 32):
     kappa I C f(tau)^2, f(tau) = max over the lines of k C / (tau - A) (:func:`_pace`), is least where
     v = min over the lines of (tau - A) / (k C^1.5) is largest, among the cuts whose fastest finish
     (:func:`_fastest_s`) is <= tau: two operations per line and cut instead of the energies. Then f = 1 / (C^0.5 v)
-    and the energy is kappa I / v^2."""
+    (and the energy kappa I C f^2 = kappa I / v^2, computed by :meth:`CostModel.energy_j`)."""
     Cs = model.server_cycles
     A1, k1, A2, k2 = pace
     N, M = fits.shape[:2]
@@ -412,7 +417,7 @@ def _least_energy_cuts(model, pace, fits, taus, chunk: int = 32):
     with np.errstate(divide="ignore", invalid="ignore"):
         ok = vmax > 0
         need = np.where(ok, np.where(vmax < np.inf, 1.0 / (np.sqrt(Cs[out]) * vmax), 0.0), np.inf)  # C = 0: free
-        energy = np.where(ok, model.kappa * model.iterations / (vmax * vmax), np.inf)
+        energy = np.where(ok, model.energy_j(model.iterations * Cs[out], np.where(ok, need, 0.0)), np.inf)
     return out, need, energy
 
 

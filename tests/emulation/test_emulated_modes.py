@@ -164,3 +164,19 @@ def test_bad_mode_or_mode_schedule_refused_before_training(kwargs, match):
     """Refused by name before any model is touched (the model given here cannot train)."""
     with pytest.raises(InvalidParameterError, match=match):
         emulated_training(model=object(), tokenizer=object(), rounds=1, **kwargs)
+
+
+def test_summary_totals_round_delays_in_parallel_modes(parallel_run):
+    """The run's delay of a parallel mode is the sum over rounds of the slowest device's delay (not of every
+    device's), and CARD's delay reduction is taken on it; recomputed here from the per-device rows."""
+    from splitlora.emulation.run import emulation_summary
+
+    mode, df, _ = parallel_run
+    summary = emulation_summary(df).set_index("policy")
+    run = {p: g[g.feasible].groupby("round").delay_s.max().sum() for p, g in df.groupby("policy")}
+    for p, total in run.items():
+        assert summary.loc[p, "run_delay_s"] == pytest.approx(total, rel=1e-12)
+        assert summary.loc[p, "run_delay_s"] < summary.loc[p, "delay_s"]          # M = 2 devices a round
+    if "CARD" in run:
+        for p, total in run.items():
+            assert summary.loc[p, "card_delay_reduction"] == pytest.approx(1 - run["CARD"] / total, rel=1e-12)

@@ -232,3 +232,31 @@ def test_sweep_least_energy_cut_by_brute_force(seed, schedule):
     np.testing.assert_allclose(energy, best, rtol=1e-9)
     share = np.take_along_axis(f, np.transpose(cut, (0, 2, 1))[:, :, None, :], 2)[:, :, 0].transpose(0, 2, 1)
     np.testing.assert_allclose(np.where(np.isfinite(best), need, 0), np.where(np.isfinite(best), share, 0), rtol=1e-9)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_allocation_of_many_devices_against_a_deadline_grid(schedule):
+    """40 devices (many line crossings): the allocation's U is no worse than any deadline of a dense grid whose
+    shares are found by bisection on CostModel.round_delay_s, and within 1e-4 of the grid's best."""
+    model, P, Ru, Rd, M, w = parallel_instance(5, rounds=3, devices=40, n_cuts=6, schedule=schedule)
+    rng = np.random.default_rng(5)
+    c = rng.integers(0, model.n_cuts, size=(3, 40))
+    t_d, t_l, t_h = (np.take_along_axis(a.reshape(3, 40, -1), c[..., None], -1)[..., 0]
+                     for a in model.stage_times_s(P.reshape(-1), Ru.reshape(-1), Rd.reshape(-1)))
+    t_ref, e_ref = model.parallel_references(P, Ru, Rd)
+    f, U = allocate(model, c, t_d, t_l, t_h, t_ref, e_ref, w)
+    F, C = model.f_max_hz, model.server_cycles[c]
+    fastest = model.round_delay_s(t_d, t_l, t_h, C / F).max(1)
+    taus = fastest[:, None] * np.geomspace(1, 50, 4000)[None, :]                        # (N, G)
+    x = lambda a: a[..., None]  # noqa: E731
+    lo, hi = np.zeros(C.shape + (4000,)), np.full(C.shape + (4000,), F)
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        fast_enough = model.round_delay_s(x(t_d), x(t_l), x(t_h), x(C) / mid) <= taus[:, None, :]
+        hi, lo = np.where(fast_enough, mid, hi), np.where(fast_enough, lo, mid)
+    E = model.energy_j(model.iterations * x(C), hi).sum(1)
+    Ug = np.where(hi.sum(1) <= F, w * taus / x(t_ref) + (1 - w) * E / x(e_ref), np.inf)
+    assert np.isfinite(Ug).any(1).all()
+    assert np.all(U <= Ug.min(1) * (1 + 1e-9))
+    assert np.all(U >= Ug.min(1) * (1 - 1e-4))
+    assert np.all(f.sum(1) <= F * (1 + 1e-12))
