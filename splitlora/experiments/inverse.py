@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from splitlora import _validate as V
+from splitlora.errors import InvalidParameterError
 from splitlora.experiments.analytic import (BENCHMARK_SETS, PAPER_DELAY_REDUCTION, PAPER_ENERGY_REDUCTION, _pattern,
                                             average_reductions, policy_comparison)
 from splitlora.model.baselines import AVERAGING
@@ -97,7 +98,7 @@ def inverse_reproduction(n_samples: int = 400, seed: int = 0, rounds: int = 10,
     """Every sample of :func:`sample_parameters` with its :func:`evaluate_sample` result, one row each (seeded,
     deterministic), then ``refine`` samples of :func:`refine_samples` around the closest ones. Columns: stage
     ("uniform" or "refined"), the sampled parameters, cuts, clocks_ghz, delay_reduction, energy_reduction, c1..c4,
-    accepted, distance."""
+    accepted, distance, confirmed (refined rows: accepted again on other channel draws; NaN for uniform rows)."""
     V.check_int_range("refine", refine, 0, 10**6)
     base = Scenario() if base is None else base
     samples = sample_parameters(n_samples, seed, base.cost_model().n_cuts)
@@ -115,13 +116,26 @@ REFINE_STEPS = {"w": 0.05, "device_utilisation": 0.03, "bandwidth_mhz": 0.15, "s
 
 def refine_samples(table: pd.DataFrame, n_samples: int, seed: int = 0, rounds: int = 10,
                    base: Scenario | None = None, n_starts: int = 4) -> pd.DataFrame:
-    """A seeded local search around the ``n_starts`` samples of ``table`` closest to the claims (accepted first):
-    each of ``n_samples`` steps perturbs one chain's continuous parameters (normal steps of :data:`REFINE_STEPS`,
-    clipped to :data:`SPACE`; the discrete choices stay) and moves the chain when the distance falls. It shows
-    where the claims hold near the closest samples; its samples are not uniform, so they do not enter
-    :func:`acceptance`. Returns rows as :func:`inverse_reproduction` with stage "refined"."""
+    """A seeded local search around the ``n_starts`` uniform samples of ``table`` closest to the claims (accepted
+    first): each of ``n_samples`` steps perturbs one chain's continuous parameters (normal steps of
+    :data:`REFINE_STEPS`, clipped to :data:`SPACE`; the discrete choices stay) and moves the chain when the distance
+    falls. The search lowers the distance on the channel draws of ``seed``, so an accepted refined sample is
+    evaluated again on other draws (seed + 1) with 4 x ``rounds`` rounds: ``confirmed`` says whether it is still
+    accepted. It shows where the claims hold near the closest samples; its samples are not uniform, so they do
+    not enter :func:`acceptance`. Returns rows as :func:`inverse_reproduction` with stage "refined".
+
+    Raises: InvalidParameterError for counts out of range or a table without uniform samples or their columns.
+    """
     V.check_int_range("n_samples", n_samples, 1, 10**6)
     V.check_int_range("n_starts", n_starts, 1, 10**3)
+    need = list(SPACE) + ["fixed_cut", "accepted", "distance"]
+    missing = [k for k in need if k not in table]
+    if missing:
+        raise InvalidParameterError(f"table is missing columns {missing}: must be a table of inverse_reproduction")
+    if "stage" in table:
+        table = table[table.stage == "uniform"]
+    if table.empty:
+        raise InvalidParameterError("table has no uniform samples: must hold at least one row of inverse_reproduction")
     base = Scenario() if base is None else base
     order = table.sort_values(["accepted", "distance"], ascending=[False, True], kind="stable")
     chains = [({k: _plain(r[k]) for k in list(SPACE) + ["fixed_cut"]}, float(r["distance"]))
@@ -138,7 +152,8 @@ def refine_samples(table: pd.DataFrame, n_samples: int, seed: int = 0, rounds: i
             else:
                 q[name] = float(np.clip(p[name] + rng.normal(0, step), lo, hi))
         out = evaluate_sample(q, base, rounds, seed)
-        rows.append({"stage": "refined", **q, **out})
+        confirmed = bool(evaluate_sample(q, base, 4 * rounds, seed + 1)["accepted"]) if out["accepted"] else False
+        rows.append({"stage": "refined", **q, **out, "confirmed": confirmed})
         if out["distance"] < dist:
             chains[k % len(chains)] = (q, out["distance"])
     return pd.DataFrame(rows)
@@ -148,26 +163,29 @@ def _plain(x):
     return x.item() if hasattr(x, "item") else x
 
 
-def acceptance(table: pd.DataFrame) -> pd.DataFrame:
-    """Share of the uniform samples accepted (and of each claim holding) per schedule and benchmark set; the
-    refined ones (stage "refined") are left out: they are not a uniform draw."""
+def acceptance(table: pd.DataFrame, by=("schedule", "benchmark_set")) -> pd.DataFrame:
+    """Share of the uniform samples accepted (and of each claim holding) per group of ``by`` (columns; default
+    schedule and benchmark set); the refined ones (stage "refined") are left out: they are not a uniform draw."""
     if "stage" in table:
         table = table[table.stage == "uniform"]
-    g = table.groupby(["schedule", "benchmark_set"])
+    g = table.groupby(list(by))
     out = g[["c1", "c2", "c3", "c4", "accepted"]].mean().add_suffix("_share")
     return out.assign(samples=g.size()).reset_index()
 
 
 def accepted_ranges(table: pd.DataFrame) -> pd.DataFrame:
-    """Min and max of each continuous parameter over the accepted samples, per stage and schedule, with how many."""
+    """Min and max of each continuous parameter over the accepted samples, per stage and schedule, with how many
+    (accepted) and, for refined samples, how many were accepted again on other channel draws (confirmed)."""
     cont = ["w", "device_utilisation", "bandwidth_mhz", "snr_normal_db", "snr_spread_db"]
     acc = table[table.accepted]
     if "stage" not in acc:
         acc = acc.assign(stage="uniform")
     if acc.empty:
-        return pd.DataFrame(columns=["stage", "schedule", "parameter", "min", "max", "accepted"])
+        return pd.DataFrame(columns=["stage", "schedule", "parameter", "min", "max", "accepted", "confirmed"])
     rows = [{"stage": st, "schedule": s, "parameter": p, "min": float(g[p].min()), "max": float(g[p].max()),
-             "accepted": len(g)} for (st, s), g in acc.groupby(["stage", "schedule"]) for p in cont]
+             "accepted": len(g),
+             "confirmed": int(g["confirmed"].astype(bool).sum()) if st == "refined" and "confirmed" in g else np.nan}
+            for (st, s), g in acc.groupby(["stage", "schedule"]) for p in cont]
     return pd.DataFrame(rows)
 
 

@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from splitlora.errors import InvalidParameterError
 from splitlora.experiments import analytic as ex
 from splitlora.experiments import inverse as inv
 from splitlora.model.baselines import reductions, run_policies_rounds
@@ -124,28 +125,58 @@ def test_claims_table_has_every_schedule_and_the_closest_sample():
 
 
 def test_refined_samples_stay_local_and_out_of_the_shares():
-    """The local search keeps each start's discrete choices, stays in SPACE, is seeded, re-evaluates to its own
-    row, and does not enter the uniform acceptance shares."""
-    table = inv.inverse_reproduction(8, seed=2, rounds=2, refine=6)
-    again = inv.inverse_reproduction(8, seed=2, rounds=2, refine=6)
+    """The local search keeps each start's discrete choices, stays in SPACE and near its start (2 steps per chain
+    here), is seeded, re-evaluates to its own row, and does not enter the uniform acceptance shares; bad tables are
+    refused."""
+    table = inv.inverse_reproduction(8, seed=2, rounds=2, refine=8)
+    again = inv.inverse_reproduction(8, seed=2, rounds=2, refine=8)
     pd.testing.assert_frame_equal(table, again)
     uni, ref = table[table.stage == "uniform"], table[table.stage == "refined"]
-    assert len(uni) == 8 and len(ref) == 6
+    assert len(uni) == 8 and len(ref) == 8 and uni.confirmed.isna().all()
     starts = uni.sort_values(["accepted", "distance"], ascending=[False, True], kind="stable").head(4)
     discrete = ["schedule", "precision", "benchmark_set", "averaging", "steps_per_round", "batch_size", "seq_len",
                 "fixed_cut"]
     for k, (_, r) in enumerate(ref.iterrows()):
         start = starts.iloc[k % 4]
         assert all(r[d] == start[d] for d in discrete)
-        for name in inv.REFINE_STEPS:
+        for name, step in inv.REFINE_STEPS.items():
             lo, hi = inv.SPACE[name]
             assert lo <= r[name] <= hi
+            gap = abs(np.log(r[name] / start[name])) if name == "bandwidth_mhz" else abs(r[name] - start[name])
+            assert gap <= 2 * 6 * step                          # at most 2 steps of a chain, each within 6 sigma
         assert any(r[name] != start[name] for name in inv.REFINE_STEPS)
         out = inv.evaluate_sample(r.to_dict(), rounds=2, seed=2)
         assert out["distance"] == pytest.approx(r["distance"], rel=1e-12) and out["cuts"] == r["cuts"]
     acc = inv.acceptance(table)
     assert acc.samples.sum() == 8
-    flipped = table.assign(accepted=table.stage == "refined")
+    per_schedule = inv.acceptance(table, by=["schedule"]).set_index("schedule")
+    assert per_schedule.samples.to_dict() == uni.groupby("schedule").size().to_dict()
+    flipped = table.assign(accepted=table.stage == "refined", confirmed=table.stage == "refined")
     assert inv.acceptance(flipped).accepted_share.sum() == 0
     ranges = inv.accepted_ranges(flipped)
-    assert set(ranges.stage) == {"refined"} and ranges.groupby("schedule").accepted.first().sum() == 6
+    assert set(ranges.stage) == {"refined"} and ranges.groupby("schedule").accepted.first().sum() == 8
+    assert ranges.groupby("schedule").confirmed.first().sum() == 8
+    with pytest.raises(InvalidParameterError, match="no uniform samples"):
+        inv.refine_samples(table[table.stage == "refined"], 2)
+    with pytest.raises(InvalidParameterError, match="missing columns"):
+        inv.refine_samples(table.drop(columns="w"), 2)
+
+
+def test_refined_acceptance_is_confirmed_on_other_channel_draws(monkeypatch):
+    """An accepted refined sample is evaluated again with seed + 1 and 4 x the rounds; confirmed is that verdict."""
+    calls = []
+
+    def fake(p, base=None, rounds=10, seed=0):
+        calls.append((rounds, seed))
+        ok = seed == 0 or p["w"] > 0.5              # accepted on the search's draws; confirmed only for large w
+        return {"cuts": "", "clocks_ghz": "", "delay_reduction": 0.7, "energy_reduction": 0.5, "c1": ok, "c2": ok,
+                "c3": ok, "c4": ok, "accepted": ok, "distance": 0.0 if ok else 1.0}
+
+    start = inv.sample_parameters(1, seed=0).assign(stage="uniform", accepted=False, distance=1.0)
+    start["w"] = 0.5
+    monkeypatch.setattr(inv, "evaluate_sample", fake)
+    out = inv.refine_samples(start, 6, seed=0, rounds=3)
+    assert out.accepted.all()
+    np.testing.assert_array_equal(out.confirmed, out.w > 0.5)
+    assert 0 < out.confirmed.sum() < 6
+    assert calls == [(3, 0), (12, 1)] * 6
