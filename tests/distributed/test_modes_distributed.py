@@ -139,7 +139,7 @@ def test_splitfed_device_killed_mid_round_is_left_out_and_logged(tmp_path):
     assert any(not torch.equal(full[key], want[key]) for key in want)
 
 
-@pytest.mark.parametrize("mode", ["splitfed", "fedlora"])
+@pytest.mark.parametrize("mode", ["splitfed", "splitfed_v1", "fedlora"])
 def test_device_absent_every_round_is_the_run_without_it(tmp_path, mode):
     """In-process rule of the server: a device left out of every round (``skip``) gives exactly the run of the
     other device alone (the same data: random tokens seeded per device index)."""
