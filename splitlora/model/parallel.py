@@ -2,8 +2,8 @@
 
 Devices of a round train at the same time; the server's clock is divided into shares f_m with sum f_m <= f_max
 (the coupling); the round ends when the last device finishes. For fixed cuts the allocation is convex in the
-round deadline tau and solved by a monotone Newton iteration on its KKT condition; the cuts start from a sweep over deadlines and
-are refined by coordinate descent over devices, each step exact over one device's cut layers. Checked against the
+round deadline tau and solved by a monotone Newton iteration on its KKT condition; the cuts start from a sweep
+over deadlines and are refined by coordinate descent over devices, each step exact over one device's cut layers. Checked against the
 brute force (tests/model/test_parallel.py). Source: docs/model.md, "Parallel schedule".
 """
 from __future__ import annotations
@@ -144,8 +144,9 @@ def _deadline(pace, C, lo, F, a, b, max_steps: int = 100):
     next crossing (the step then lands on the crossing itself). tau* = max of the two
     roots: each step goes to the larger of the two Newton points, a monotone sequence that reaches tau*, stopped
     when it no longer moves (at most 9 steps on the benchmark's rounds), then raised by 1e-12 (relative) so that the
-    shares fit. Raises RuntimeError if a row still moves after ``max_steps``. It starts at the largest of lo and two lower bounds from f_m >= k1 C_m / (tau - A1_min):
-    tau* >= A1_min + k1 sum C / F and tau* >= A1_min + (b / a k1^2 sum C^3)^(1/3)."""
+    shares fit. Raises RuntimeError if a row still moves after ``max_steps``. It starts at the largest of lo and
+    two lower bounds from f_m >= k1 C_m / (tau - A1_min): tau* >= A1_min + k1 sum C / F and
+    tau* >= A1_min + (b / a k1^2 sum C^3)^(1/3)."""
     A1, k1, A2, k2 = (np.broadcast_to(p, C.shape) for p in pace)
     pos = C > 0                                  # a device without server work: f = 0 (A = -inf: tau - A = inf)
     A1, A2 = np.where(pos, A1, -np.inf), np.where(pos, A2, -np.inf)
@@ -185,8 +186,8 @@ def _deadline(pace, C, lo, F, a, b, max_steps: int = 100):
             idx, al, bl, t = idx[keep], al[keep], bl[keep], t[keep]
             loc = [x[keep] for x in loc]
     if len(idx):
-        raise RuntimeError(f"the clock-share deadline of {len(idx)} rounds did not converge in {max_steps} Newton steps "
-                           "(splitlora.model.parallel._deadline); please report the inputs")
+        raise RuntimeError(f"the clock-share deadline of {len(idx)} rounds did not converge in {max_steps} Newton "
+                           "steps (splitlora.model.parallel._deadline); please report the inputs")
     return tau * (1 + 1e-12)
 
 
@@ -217,7 +218,7 @@ def card_parallel(model: CostModel, device_flops_per_s, rate_up_bps, rate_down_b
                                     "energy falls toward 0 as the shares shrink: no optimum)")
     P, Ru, Rd, Mem = _round_inputs(model, device_flops_per_s, rate_up_bps, rate_down_bps, memory_bytes)
     parts = [_card_parallel(model, *(a[i:i + _CHUNK] for a in (P, Ru, Rd, Mem)), w, discrete_clocks, max_sweeps)
-             for i in range(0, len(P), _CHUNK)] or [_card_parallel(model, P, Ru, Rd, Mem, w, discrete_clocks, max_sweeps)]
+             for i in range(0, max(len(P), 1), _CHUNK)]  # 0 rounds: one empty piece
     return Decision(*(np.concatenate([getattr(d, k) for d in parts]) for k in
                       ("cut_layer", "frequency_hz", "delay_s", "energy_j", "objective", "feasible")))
 
